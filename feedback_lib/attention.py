@@ -1,0 +1,149 @@
+"""Feedback attention: one query step attending over the memory with relative positions.
+
+Chapters 2-4 of the book derive and build this module. The parameters have the same names,
+shapes, creation order and initialisation as ``labml_nn.transformers.feedback.FeedbackAttention``,
+so the same ``torch.manual_seed`` gives both identical weights and a labml ``state_dict`` loads
+with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from feedback_lib.checks import check_like, check_positive_int, check_probability, check_same_batch, check_tensor
+
+#: Number of relative positions with a learned embedding; the memory may hold at most this many steps.
+MAX_POSITIONS = 2 ** 12
+
+
+class HeadProjection(nn.Module):
+    """A linear map ``[..., d_model] -> [..., heads, d_k]`` that splits the result into heads."""
+
+    def __init__(self, d_model: int, heads: int, d_k: int, bias: bool):
+        super().__init__()
+        self.linear = nn.Linear(d_model, heads * d_k, bias=bias)
+        self.heads = heads
+        self.d_k = d_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [..., d_model] -> [..., heads * d_k] -> [..., heads, d_k]
+        return self.linear(x).unflatten(-1, (self.heads, self.d_k))
+
+
+class FeedbackAttention(nn.Module):
+    r"""Attention of one step's query over the memory, scored with relative positions.
+
+    For the memory entry ``j`` steps back, the score of head ``h`` is (chapter 2)
+
+    .. math:: A_j = Q^\top K_j + Q^\top U^K_j + {U^Q}^\top K_j + S_j,
+
+    scaled by ``1/sqrt(d_k)`` and normalised with a softmax over the memory (time) axis. The
+    fourth term of the full expansion, ``{U^Q}^T U^K_j``, depends only on ``j`` and is replaced by
+    the learned bias ``S_j`` (``key_pos_bias``).
+
+    Args:
+        heads: number of attention heads; must divide ``d_model``.
+        d_model: width of the model.
+        dropout_prob: dropout on the attention weights.
+        is_kv_precomputed: if True, ``key`` and ``value`` arrive already projected and split into
+            heads (``[seq_len, batch, heads, d_k]``) and the module has no key/value projections,
+            as in the shared key/value transformer (chapter on sharing keys and values).
+
+    Shapes: ``query [batch, d_model]``, ``key``/``value [seq_len, batch, d_model]``
+    (or ``[seq_len, batch, heads, d_k]``), output ``[batch, d_model]``. Memory entry ``0`` is the
+    oldest; the last one is the step just before the query. ``seq_len`` is at most
+    :data:`MAX_POSITIONS`.
+    """
+
+    def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1, *,
+                 is_kv_precomputed: bool = False):
+        check_positive_int("heads", heads)
+        check_positive_int("d_model", d_model)
+        check_probability("dropout_prob", dropout_prob)
+        if d_model % heads:
+            raise ValueError(f"d_model must be divisible by heads, got d_model={d_model}, heads={heads} "
+                             f"(d_model % heads = {d_model % heads})")
+        super().__init__()
+        self.d_k = d_model // heads
+        self.heads = heads
+        self.d_model = d_model
+        self.is_kv_precomputed = is_kv_precomputed
+        # Projections, created in the reference's order so that the same seed gives the same weights.
+        self.query = HeadProjection(d_model, heads, self.d_k, bias=False)
+        if is_kv_precomputed:
+            self.key = None
+            self.value = None
+        else:
+            self.key = HeadProjection(d_model, heads, self.d_k, bias=False)
+            self.value = HeadProjection(d_model, heads, self.d_k, bias=True)
+        self.output = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout_prob)
+        self.scale = 1 / math.sqrt(self.d_k)
+        self.P = MAX_POSITIONS
+        # U^K_j: relative key position embeddings; row P-1 is the most recent memory entry.
+        self.key_pos_embeddings = nn.Parameter(torch.zeros((self.P, heads, self.d_k)))
+        # S_j: the learned bias that replaces U^Q . U^K_j.
+        self.key_pos_bias = nn.Parameter(torch.zeros((self.P, heads)))
+        # U^Q: the query's position term, the same for every step (positions are relative).
+        self.query_pos_bias = nn.Parameter(torch.zeros((heads, self.d_k)))
+
+    def get_scores(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Unscaled scores ``A_j`` for projected ``query [batch, heads, d_k]`` and
+        ``key [seq_len, batch, heads, d_k]``; returns ``[seq_len, batch, heads]``."""
+        seq_len = key.shape[0]
+        key_pos_emb = self.key_pos_embeddings[-seq_len:]       # U^K_j   [seq_len, heads, d_k]
+        query_pos_bias = self.query_pos_bias[None]             # U^Q     [1, heads, d_k]
+        key_pos_bias = self.key_pos_bias[-seq_len:]            # S_j     [seq_len, heads]
+        # A + C = (Q + U^Q) . K_j                               [seq_len, batch, heads]
+        ac = torch.einsum("bhd,jbhd->jbh", query + query_pos_bias, key)
+        # B + D = Q . U^K_j + S_j                               [seq_len, batch, heads]
+        bd = torch.einsum("bhd,jhd->jbh", query, key_pos_emb) + key_pos_bias[:, None, :]
+        return ac + bd
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attend from ``query`` over the memory ``key``/``value``.
+
+        Returns ``[batch, d_model]``, or with ``need_weights=True`` the pair
+        ``(output, attention [seq_len, batch, heads])`` (attention after dropout).
+        """
+        self.check_inputs(query, key, value)
+        return self.attend(query, key, value, need_weights=need_weights)
+
+    def check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Raise a clear error if the inputs do not fit this module (see the class docstring)."""
+        check_tensor("query", query, ["batch", "d_model"], [None, self.d_model])
+        if self.is_kv_precomputed:
+            dims, sizes = ["seq_len", "batch", "heads", "d_k"], [None, None, self.heads, self.d_k]
+        else:
+            dims, sizes = ["seq_len", "batch", "d_model"], [None, None, self.d_model]
+        check_tensor("key", key, dims, sizes)
+        check_tensor("value", value, dims, sizes)
+        check_same_batch(["query", "key", "value"], [query, key, value], [0, 1, 1])
+        if key.shape[0] != value.shape[0]:
+            raise ValueError(f"key and value must have the same seq_len, got {key.shape[0]} and {value.shape[0]}")
+        if key.shape[0] > self.P:
+            raise ValueError(f"the memory (key/value seq_len) has {key.shape[0]} steps but FeedbackAttention "
+                             f"has only {self.P} relative positions; keep the memory at most {self.P} long "
+                             f"(FeedbackLM's mem_len does this)")
+        weight = self.output.weight
+        for name, tensor in (("query", query), ("key", key), ("value", value)):
+            check_like(name, tensor, weight)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+               need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` without the input checks (the transformers' per-step path)."""
+        query = self.query(query)                      # [batch, heads, d_k]
+        if self.key is not None:
+            key = self.key(key)                        # [seq_len, batch, heads, d_k]
+            value = self.value(value)                  # [seq_len, batch, heads, d_k]
+        scores = self.get_scores(query, key)           # [seq_len, batch, heads]
+        scores *= self.scale
+        attn = torch.softmax(scores, dim=0)            # softmax over the memory (time) axis
+        attn = self.dropout(attn)
+        x = torch.einsum("jbh,jbhd->bhd", attn, value)  # [batch, heads, d_k]
+        x = self.output(x.reshape(x.shape[0], -1))     # [batch, d_model]
+        return (x, attn) if need_weights else x

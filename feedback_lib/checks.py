@@ -1,0 +1,69 @@
+"""Input checks shared by every public entry point.
+
+Each check raises an error that names the argument and the expected value or shape, so a
+mistake surfaces at the call that made it instead of deep inside torch. The hot loops call the
+unchecked internals, so the checks cost one pass per public call, not one per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Return ``value`` if it is an ``int`` >= 1, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_probability(name: str, value: object) -> float:
+    """Return ``value`` if it is a number in [0, 1), else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_tensor(name: str, tensor: object, dims: Sequence[str], sizes: Sequence[int | None]) -> None:
+    """Check that ``tensor`` is a tensor of rank ``len(dims)`` whose sizes match ``sizes``.
+
+    ``dims`` names each axis (``["seq_len", "batch", "d_model"]``); ``sizes`` gives the
+    required size of each axis, ``None`` for any size. Zero-sized axes are refused.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [{', '.join(dims)}], "
+                        f"got {type(tensor).__name__}")
+    expected = "[" + ", ".join(d if s is None else f"{d}={s}" for d, s in zip(dims, sizes)) + "]"
+    if tensor.dim() != len(dims):
+        raise ValueError(f"{name} must have shape {expected} ({len(dims)} dimensions), "
+                         f"got shape {list(tensor.shape)}")
+    for axis, (dim, size) in enumerate(zip(dims, sizes)):
+        if tensor.shape[axis] == 0:
+            raise ValueError(f"{name} has an empty {dim} axis (shape {list(tensor.shape)}); "
+                             f"expected {expected} with every axis >= 1")
+        if size is not None and tensor.shape[axis] != size:
+            raise ValueError(f"{name} must have shape {expected}, got {list(tensor.shape)} "
+                             f"({dim} is {tensor.shape[axis]}, expected {size})")
+
+
+def check_same_batch(names: Sequence[str], tensors: Sequence[torch.Tensor], axes: Sequence[int]) -> None:
+    """Check that the batch axis (``axes[i]`` of ``tensors[i]``) has the same size in all tensors."""
+    sizes = [t.shape[a] for t, a in zip(tensors, axes)]
+    if len(set(sizes)) > 1:
+        listed = ", ".join(f"{n} has batch {s}" for n, s in zip(names, sizes))
+        raise ValueError(f"batch sizes differ: {listed}; they must be equal")
+
+
+def check_like(name: str, tensor: torch.Tensor, reference: torch.Tensor, *, dtype: bool = True) -> None:
+    """Check that ``tensor`` lives on the module's device and, unless autocast is on, has its dtype.
+
+    ``reference`` is one of the module's parameters.
+    """
+    if tensor.device != reference.device:
+        raise ValueError(f"{name} is on device {tensor.device} but the module's parameters are on "
+                         f"{reference.device}; move one of them (e.g. tensor.to({str(reference.device)!r}))")
+    if dtype and tensor.dtype != reference.dtype and not torch.is_autocast_enabled(tensor.device.type):
+        raise TypeError(f"{name} has dtype {tensor.dtype} but the module's parameters are "
+                        f"{reference.dtype}; convert one of them (or run under torch.autocast)")

@@ -1,0 +1,103 @@
+"""FeedbackLM: the feedback transformer as a language model over token ids (the model readers call)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from feedback_lib.attention import FeedbackAttention
+from feedback_lib.checks import check_positive_int, check_probability, check_tensor
+from feedback_lib.feed_forward import FeedForward
+from feedback_lib.generation import check_sampling, sample_next_token
+from feedback_lib.memory import FeedbackMemory
+from feedback_lib.transformer import FeedbackTransformer, FeedbackTransformerKV, FeedbackTransformerLayer
+
+
+class FeedbackLM(nn.Module):
+    """Embedding -> feedback transformer -> linear head over the vocabulary.
+
+    Args:
+        n_vocab: vocabulary size; token ids are in ``[0, n_vocab)``.
+        d_model, heads, n_layers, d_ff: width, attention heads, depth and feed-forward width.
+        dropout: dropout everywhere (attention weights, residual branches, feed-forward hidden layer).
+        shared_kv: use :class:`~feedback_lib.FeedbackTransformerKV` (keys and values computed once per
+            step and shared by all layers) instead of :class:`~feedback_lib.FeedbackTransformer`.
+        mem_len: attend to at most the last ``mem_len`` steps (None: everything, up to 4096 steps).
+
+    The submodules are named ``src_embed``, ``transformer`` and ``generator`` and are created in the
+    same order as labml.ai's ``AutoregressiveModel``, whose state_dicts therefore load here.
+    """
+
+    def __init__(self, n_vocab: int, *, d_model: int, heads: int, n_layers: int, d_ff: int,
+                 dropout: float = 0.0, shared_kv: bool = True, mem_len: int | None = None):
+        check_positive_int("n_vocab", n_vocab)
+        check_probability("dropout", dropout)
+        super().__init__()
+        self.config = dict(n_vocab=n_vocab, d_model=d_model, heads=heads, n_layers=n_layers, d_ff=d_ff,
+                           dropout=dropout, shared_kv=shared_kv, mem_len=mem_len)
+        layer = FeedbackTransformerLayer(
+            d_model=d_model,
+            attn=FeedbackAttention(heads, d_model, dropout, is_kv_precomputed=shared_kv),
+            feed_forward=FeedForward(d_model, d_ff, dropout),
+            dropout_prob=dropout)
+        if shared_kv:
+            transformer = FeedbackTransformerKV(layer, n_layers, d_model, heads, mem_len=mem_len)
+        else:
+            transformer = FeedbackTransformer(layer, n_layers, mem_len=mem_len)
+        self.src_embed = nn.Embedding(n_vocab, d_model)
+        self.transformer = transformer
+        self.generator = nn.Linear(d_model, n_vocab)
+        self.n_vocab = n_vocab
+
+    def forward(self, tokens: torch.Tensor, memory: FeedbackMemory | None = None,
+                return_memory: bool = False) -> torch.Tensor | tuple[torch.Tensor, FeedbackMemory]:
+        """Logits ``[batch, seq, n_vocab]`` for token ids ``tokens [batch, seq]``.
+
+        Position ``t`` of the logits predicts token ``t + 1``. Pass the ``memory`` returned by an
+        earlier call (``return_memory=True``) to continue that text: the logits equal those of one
+        call on the whole text. With ``return_memory=True`` returns ``(logits, memory)``.
+        """
+        self.check_tokens("tokens", tokens)
+        x = self.src_embed(tokens.t())                     # batch-major ids -> time-major [seq, batch, d_model]
+        result = self.transformer(x, memory, return_memory=return_memory)
+        out, memory = result if return_memory else (result, None)
+        logits = self.generator(out).transpose(0, 1)       # [batch, seq, n_vocab]
+        return (logits, memory) if return_memory else logits
+
+    def check_tokens(self, name: str, tokens: torch.Tensor) -> None:
+        """Raise a clear error unless ``tokens`` are integer ids ``[batch, seq]`` in ``[0, n_vocab)``."""
+        check_tensor(name, tokens, ["batch", "seq"], [None, None])
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer token ids (e.g. torch.long), got dtype {tokens.dtype}")
+        device = self.generator.weight.device
+        if tokens.device != device:
+            raise ValueError(f"{name} is on device {tokens.device} but the model is on {device}")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.n_vocab:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name} holds id {bad}, outside the vocabulary [0, {self.n_vocab})")
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue ``prompt [batch, seq]`` by ``max_new_tokens`` tokens; returns ``[batch, seq + max_new_tokens]``.
+
+        The prompt is read once; each new token is then one step of the transformer over the cached
+        memory, never a re-run of the prefix. ``temperature=0`` (or ``top_k=1``) is greedy decoding.
+        Runs in eval mode (no dropout) and restores the previous mode.
+        """
+        check_positive_int("max_new_tokens", max_new_tokens)
+        check_sampling(temperature, top_k)
+        was_training = self.training
+        self.eval()
+        try:
+            logits, memory = self(prompt, return_memory=True)
+            tokens = [prompt]
+            for i in range(max_new_tokens):
+                next_token = sample_next_token(logits[:, -1], temperature, top_k, generator)  # [batch, 1]
+                tokens.append(next_token)
+                if i + 1 < max_new_tokens:
+                    logits, memory = self(next_token, memory, return_memory=True)
+        finally:
+            self.train(was_training)
+        return torch.cat(tokens, dim=1)

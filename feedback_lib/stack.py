@@ -1,0 +1,144 @@
+"""The memory store of a feedback transformer: a preallocated stack with its own autograd function.
+
+A feedback transformer reads the whole memory at every step. Keeping the steps in a Python list
+and calling ``torch.stack`` before each read copies the past every step: O(T^2) time and memory
+over a sequence of T steps (:class:`NaiveStack`, kept for comparison). :class:`Stack` instead
+writes each step into one preallocated buffer and reads the first rows as a view, and
+:class:`StackFunction` routes the gradients of all those overlapping views through one shared
+gradient buffer (the chapter on the Stack autograd function explains it).
+
+Both stores have the same interface. Values are appended as *blocks* ``[k, *row_shape]`` (one
+step is ``k = 1``; a memory carried over from an earlier call is one block of many rows), and
+appends and reads alternate: ``append``, ``get``, ``append``, ``get``, ...
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StackFunction(torch.autograd.Function):
+    """Return rows ``[start, end)`` of a :class:`Stack` buffer as a view, without copying.
+
+    Inputs of ``apply(memory, stack, last, previous, start, end)``:
+
+    * ``memory``: the stack's buffer ``[capacity, *row_shape]`` (no gradient of its own);
+    * ``stack``: the :class:`Stack`, which owns the shared gradient buffer;
+    * ``last``: the block ``[k, *row_shape]`` appended since the previous read, whose copy sits in
+      rows ``[end - k, end)`` (``None`` if nothing was appended); its gradient is what flows back;
+    * ``previous``: the output of the previous read (or ``None``). It is not used in the forward
+      pass; it is an input only so that autograd must run this read's backward before the previous
+      one's. PyTorch's engine usually runs nodes newest first anyway; the edge makes the order a
+      rule of the graph rather than a detail of the scheduler;
+    * ``start``, ``end``: the rows to read.
+
+    Backward adds the incoming gradient into rows ``[start, end)`` of the shared gradient buffer.
+    Reads run backward newest first, so when a read's backward runs, every later read has already
+    added its gradient for the rows of ``last``: the read returns those rows as ``last``'s
+    gradient and zeroes them, which leaves the buffer clean for the next backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, memory: torch.Tensor, stack: "Stack", last: torch.Tensor | None,
+                previous: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
+        ctx.stack = stack
+        ctx.start, ctx.end = start, end
+        ctx.n_last = 0 if last is None else last.shape[0]
+        return memory[start:end]
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad = ctx.stack.grad_buffer(grad_output)
+        grad[ctx.start:ctx.end] += grad_output
+        grad_last = None
+        if ctx.n_last:
+            block = grad[ctx.end - ctx.n_last:ctx.end]
+            grad_last = block.clone()
+            block.zero_()
+        return None, None, grad_last, None, None, None
+
+
+class Stack:
+    """A preallocated stack of time steps; reads are views of one buffer (see :class:`StackFunction`).
+
+    Args:
+        capacity: the most rows the stack will hold; the buffer is allocated with this many rows
+            on the first append (the transformers size it from their input and memory).
+    """
+
+    def __init__(self, capacity: int):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        self.capacity = capacity
+        self.memory: torch.Tensor | None = None   # [capacity, *row_shape]
+        self.memory_grad: torch.Tensor | None = None
+        self.length = 0
+        self._last: torch.Tensor | None = None
+        self._previous: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def append(self, block: torch.Tensor) -> None:
+        """Write ``block [k, *row_shape]`` after the rows already stored (in place, no copy of the past)."""
+        if self._last is not None:
+            raise RuntimeError("Stack.append called twice without a get() in between; "
+                               "read the stack after each append")
+        if self.memory is None:
+            self.memory = block.new_empty((self.capacity, *block.shape[1:]))
+        elif block.shape[1:] != self.memory.shape[1:]:
+            raise ValueError(f"block rows have shape {list(block.shape[1:])} but the stack holds rows of "
+                             f"shape {list(self.memory.shape[1:])}")
+        end = self.length + block.shape[0]
+        if end > self.capacity:
+            raise RuntimeError(f"Stack is full: {self.length} + {block.shape[0]} rows exceed its capacity "
+                               f"of {self.capacity}")
+        # `.data` writes without bumping the version counter that autograd checks on the views
+        # returned by earlier reads: those rows are never overwritten, so the views stay valid.
+        self.memory.data[self.length:end] = block.detach()
+        self.length = end
+        self._last = block
+
+    def get(self, start: int = 0) -> torch.Tensor:
+        """Rows ``[start, len(self))`` as a view ``[len(self) - start, *row_shape]``."""
+        if not 0 <= start < self.length:
+            raise IndexError(f"start must be in [0, {self.length}) for a stack of {self.length} rows, got {start}")
+        out = StackFunction.apply(self.memory, self, self._last, self._previous, start, self.length)
+        self._last = None
+        self._previous = out
+        return out
+
+    def grad_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """The shared gradient buffer ``[capacity, *row_shape]``, allocated at the first backward."""
+        if self.memory_grad is None:
+            self.memory_grad = like.new_zeros((self.capacity, *like.shape[1:]))
+        return self.memory_grad
+
+
+class NaiveStack:
+    """The straightforward store: a list of blocks concatenated at every read (O(T^2) over T steps).
+
+    Same interface as :class:`Stack`; the book measures the two against each other.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.blocks: list[torch.Tensor] = []
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def append(self, block: torch.Tensor) -> None:
+        """Add ``block [k, *row_shape]`` to the list."""
+        if self.length + block.shape[0] > self.capacity:
+            raise RuntimeError(f"NaiveStack is full: {self.length} + {block.shape[0]} rows exceed its "
+                               f"capacity of {self.capacity}")
+        self.blocks.append(block)
+        self.length += block.shape[0]
+
+    def get(self, start: int = 0) -> torch.Tensor:
+        """Rows ``[start, len(self))``, as a new tensor built by concatenating every block."""
+        if not 0 <= start < self.length:
+            raise IndexError(f"start must be in [0, {self.length}) for a stack of {self.length} rows, got {start}")
+        return torch.cat(self.blocks)[start:]

@@ -1,0 +1,243 @@
+"""The feedback transformer: the layer, the token-by-token loop, and the shared key/value variant.
+
+Chapter 5 builds :class:`FeedbackTransformer`; the chapters on the Stack and on sharing keys and
+values explain :class:`FeedbackTransformerKV`. Parameter names, shapes and creation order follow
+``labml_nn.transformers.feedback``, so the reference's state_dicts load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from feedback_lib.attention import MAX_POSITIONS, FeedbackAttention, HeadProjection
+from feedback_lib.checks import check_like, check_positive_int, check_probability, check_tensor
+from feedback_lib.memory import FeedbackMemory
+from feedback_lib.stack import NaiveStack, Stack
+
+
+class FeedbackTransformerLayer(nn.Module):
+    """One pre-norm layer: ``x + attn(norm(x), memory)``, then ``x + feed_forward(norm(x))``.
+
+    The attention block is skipped while there is no memory yet (the first step of a sequence).
+    Shapes: ``x [batch, d_model]``; ``key``/``value`` as :class:`FeedbackAttention` takes them.
+    """
+
+    def __init__(self, *, d_model: int, attn: FeedbackAttention, feed_forward: nn.Module, dropout_prob: float):
+        check_positive_int("d_model", d_model)
+        check_probability("dropout_prob", dropout_prob)
+        if not isinstance(attn, FeedbackAttention):
+            raise TypeError(f"attn must be a FeedbackAttention, got {type(attn).__name__}")
+        if attn.d_model != d_model:
+            raise ValueError(f"attn was built for d_model={attn.d_model} but the layer has d_model={d_model}")
+        super().__init__()
+        self.size = d_model
+        self.attn = attn
+        self.feed_forward = feed_forward
+        self.dropout = nn.Dropout(dropout_prob)
+        self.norm_self_attn = nn.LayerNorm([d_model])
+        self.norm_ff = nn.LayerNorm([d_model])
+
+    def forward(self, x: torch.Tensor, key: torch.Tensor | None = None,
+                value: torch.Tensor | None = None) -> torch.Tensor:
+        """One step of the layer: ``x [batch, d_model]`` -> ``[batch, d_model]``."""
+        check_tensor("x", x, ["batch", "d_model"], [None, self.size])
+        if (key is None) != (value is None):
+            raise ValueError("key and value must both be given (there is a memory) or both be None")
+        if key is None:
+            check_like("x", x, self.norm_ff.weight)
+        else:
+            self.attn.check_inputs(x, key, value)
+        return self.step(x, key, value)
+
+    def step(self, x: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`forward` without the input checks (the per-step path of the transformers)."""
+        if key is not None:
+            z = self.norm_self_attn(x)
+            x = x + self.dropout(self.attn.attend(z, key, value))
+        z = self.norm_ff(x)
+        return x + self.dropout(self.feed_forward(z))
+
+
+class _FeedbackLoop(nn.Module):
+    """The token-by-token loop shared by both transformers; they differ only in what they store.
+
+    A subclass names its stores (``store_names``), turns a step's memory vector into their rows
+    (:meth:`memory_rows`) and turns what it reads back into the layers' key and value
+    (:meth:`key_value`).
+    """
+
+    store_names: tuple[str, ...] = ()
+
+    def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, *, mem_len: int | None, naive_stack: bool):
+        if not isinstance(layer, FeedbackTransformerLayer):
+            raise TypeError(f"layer must be a FeedbackTransformerLayer, got {type(layer).__name__}")
+        check_positive_int("n_layers", n_layers)
+        if mem_len is not None and (check_positive_int("mem_len", mem_len) > MAX_POSITIONS):
+            raise ValueError(f"mem_len must be at most {MAX_POSITIONS} (the number of relative positions), "
+                             f"got {mem_len}")
+        super().__init__()
+        # Copies of the layer: every layer starts from the same weights, as in the reference.
+        self.layers = nn.ModuleList([copy.deepcopy(layer) for _ in range(n_layers)])
+        self.norm = nn.LayerNorm([layer.size])
+        # Logits of the layer weights; the memory is the softmax-weighted sum of input and layer outputs.
+        self.weights = nn.Parameter(torch.ones(n_layers + 1))
+        self.mem_len = mem_len
+        self.naive_stack = naive_stack
+        self.d_model = layer.size
+        self.heads = layer.attn.heads
+        self.n_layers = n_layers
+
+    @property
+    def signature(self) -> tuple:
+        """The configuration a :class:`FeedbackMemory` must come from to be fed to this model."""
+        return (type(self).__name__, self.n_layers, self.d_model, self.heads)
+
+    def memory_rows(self, mem: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What one step stores, given its memory vector ``[batch, d_model]``."""
+        raise NotImplementedError
+
+    def key_value(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layers' ``key`` and ``value`` from what was read from the stores."""
+        raise NotImplementedError
+
+    def forward(self, x_seq: torch.Tensor, memory: FeedbackMemory | None = None, *,
+                return_memory: bool = False) -> torch.Tensor | tuple[torch.Tensor, FeedbackMemory]:
+        """Run ``x_seq [seq_len, batch, d_model]`` step by step; returns normalised ``[seq_len, batch, d_model]``.
+
+        ``memory`` (from an earlier call with ``return_memory=True``) continues that sequence:
+        the result equals one call on the concatenated input. With ``return_memory=True`` the
+        result is ``(output, memory)``. When ``mem_len`` is set, each step attends to at most the
+        last ``mem_len`` memory entries (first in, first out).
+        """
+        self._check_input(x_seq, memory)
+        seq_len = x_seq.shape[0]
+        prefix = () if memory is None else memory.tensors
+        if prefix and self.mem_len is not None:
+            prefix = tuple(t[-self.mem_len:] for t in prefix)
+        n_prefix = prefix[0].shape[0] if prefix else 0
+        store_cls = NaiveStack if self.naive_stack else Stack
+        stores = [store_cls(n_prefix + seq_len) for _ in self.store_names]
+        for store, block in zip(stores, prefix):
+            store.append(block)
+
+        weights = torch.softmax(self.weights, dim=0)                       # [n_layers + 1]
+        outputs = []
+        for x in x_seq.unbind(0):                                           # x: [batch, d_model]
+            key, value = self._read(stores) if len(stores[0]) else (None, None)
+            layer_outputs = [x]
+            for layer in self.layers:
+                x = layer.step(x, key, value)
+                layer_outputs.append(x)
+            # The memory vector: softmax-weighted sum of the input and every layer's output.
+            mem = torch.einsum("lbd,l->bd", torch.stack(layer_outputs), weights)  # [batch, d_model]
+            for store, row in zip(stores, self.memory_rows(mem)):
+                store.append(row[None])
+            outputs.append(x)
+        out = self.norm(torch.stack(outputs))                               # [seq_len, batch, d_model]
+        if not return_memory:
+            return out
+        start = self._window_start(len(stores[0]))
+        return out, FeedbackMemory(tuple(store.get(start) for store in stores), self.signature)
+
+    def _window_start(self, length: int) -> int:
+        return 0 if self.mem_len is None else max(0, length - self.mem_len)
+
+    def _read(self, stores: list[Stack]) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self._window_start(len(stores[0]))
+        return self.key_value([store.get(start) for store in stores])
+
+    def _check_input(self, x_seq: torch.Tensor, memory: FeedbackMemory | None) -> None:
+        check_tensor("x_seq", x_seq, ["seq_len", "batch", "d_model"], [None, None, self.d_model])
+        check_like("x_seq", x_seq, self.norm.weight)
+        n_prefix = 0
+        if memory is not None:
+            if not isinstance(memory, FeedbackMemory):
+                raise TypeError(f"memory must be a FeedbackMemory returned by this model with "
+                                f"return_memory=True, got {type(memory).__name__}")
+            if memory.signature != self.signature:
+                raise ValueError(f"memory was made by a model with configuration {memory.signature}, but this "
+                                 f"model is {self.signature} (class, n_layers, d_model, heads)")
+            if memory.batch_size != x_seq.shape[1]:
+                raise ValueError(f"batch sizes differ: x_seq has batch {x_seq.shape[1]}, "
+                                 f"memory has batch {memory.batch_size}")
+            for name, tensor in zip(self.store_names, memory.tensors):
+                check_like(f"memory ({name})", tensor, self.norm.weight, dtype=False)
+            n_prefix = len(memory)
+        longest = n_prefix + x_seq.shape[0] - 1       # the memory the last step attends to
+        if self.mem_len is not None:
+            longest = min(longest, self.mem_len)
+        if longest > MAX_POSITIONS:
+            raise ValueError(f"the last step would attend to a memory of {longest} steps, more than the "
+                             f"{MAX_POSITIONS} relative positions; set mem_len <= {MAX_POSITIONS} or use "
+                             f"shorter inputs")
+
+
+class FeedbackTransformer(_FeedbackLoop):
+    """The original feedback transformer (chapter 5): every layer projects the shared memory itself.
+
+    Args:
+        layer: the layer to copy ``n_layers`` times; its attention must project keys and values
+            (``is_kv_precomputed=False``).
+        n_layers: number of layers.
+        mem_len: attend to at most the last ``mem_len`` memory steps (None: the whole memory).
+        naive_stack: store the memory in a :class:`~feedback_lib.NaiveStack` (for comparison).
+
+    The memory it carries is the memory vectors ``[length, batch, d_model]``.
+    """
+
+    store_names = ("memory",)
+
+    def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, *, mem_len: int | None = None,
+                 naive_stack: bool = False):
+        if isinstance(layer, FeedbackTransformerLayer) and layer.attn.is_kv_precomputed:
+            raise ValueError("FeedbackTransformer needs attention with its own key/value projections "
+                             "(is_kv_precomputed=False); use FeedbackTransformerKV for precomputed keys and values")
+        super().__init__(layer, n_layers, mem_len=mem_len, naive_stack=naive_stack)
+
+    def memory_rows(self, mem: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (mem,)
+
+    def key_value(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tensors[0], tensors[0]
+
+
+class FeedbackTransformerKV(_FeedbackLoop):
+    """The feedback transformer with key and value projections shared by all layers.
+
+    Each step's keys and values are computed once from its memory vector and appended to two
+    stacks, instead of every layer projecting the whole memory at every step.
+
+    Args:
+        layer: the layer to copy; its attention must take precomputed keys and values
+            (``is_kv_precomputed=True``).
+        n_layers: number of layers.
+        d_model: width of the model; ``heads``: number of heads (as in ``layer``).
+        mem_len: attend to at most the last ``mem_len`` memory steps (None: the whole memory).
+        naive_stack: store keys and values in :class:`~feedback_lib.NaiveStack` (for comparison).
+
+    The memory it carries is the keys and the values, each ``[length, batch, heads, d_k]``.
+    """
+
+    store_names = ("key", "value")
+
+    def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, d_model: int, heads: int, *,
+                 mem_len: int | None = None, naive_stack: bool = False):
+        if isinstance(layer, FeedbackTransformerLayer):
+            if not layer.attn.is_kv_precomputed:
+                raise ValueError("FeedbackTransformerKV needs attention built with is_kv_precomputed=True")
+            if (d_model, heads) != (layer.size, layer.attn.heads):
+                raise ValueError(f"d_model={d_model}, heads={heads} do not match the layer's "
+                                 f"d_model={layer.size}, heads={layer.attn.heads}")
+        super().__init__(layer, n_layers, mem_len=mem_len, naive_stack=naive_stack)
+        d_k = d_model // heads
+        self.key = HeadProjection(d_model, heads, d_k, bias=False)
+        self.value = HeadProjection(d_model, heads, d_k, bias=False)
+
+    def memory_rows(self, mem: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.key(mem), self.value(mem)                               # [batch, heads, d_k] each
+
+    def key_value(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tensors[0], tensors[1]

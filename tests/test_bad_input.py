@@ -1,0 +1,169 @@
+"""Every kind of bad input raises an error that names the argument and what was expected."""
+
+import pytest
+import torch
+
+import feedback_lib as fl
+from helpers import D_MODEL, make_lm, make_transformer
+
+
+@pytest.fixture
+def attn():
+    return fl.FeedbackAttention(4, 16, 0.0)
+
+
+def test_d_model_not_divisible_by_heads():
+    with pytest.raises(ValueError, match=r"d_model must be divisible by heads, got d_model=10, heads=4"):
+        fl.FeedbackAttention(4, 10)
+    with pytest.raises(ValueError, match="divisible"):
+        fl.FeedbackLM(5, d_model=10, heads=3, n_layers=1, d_ff=8)
+
+
+@pytest.mark.parametrize("bad", [dict(heads=0), dict(d_model=-1), dict(n_layers=0), dict(d_ff=2.5),
+                                 dict(dropout=1.5), dict(mem_len=0), dict(mem_len=5000)])
+def test_bad_constructor_values(bad):
+    args = dict(n_vocab=5, d_model=8, heads=2, n_layers=1, d_ff=8) | bad
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        fl.FeedbackLM(args.pop("n_vocab"), **args)
+
+
+@pytest.mark.parametrize("which, shape, message", [
+    ("query", (2, 3, 16), r"query must have shape \[batch, d_model=16\] \(2 dimensions\), got shape \[2, 3, 16\]"),
+    ("query", (2, 8), r"query must have shape \[batch, d_model=16\], got \[2, 8\] \(d_model is 8, expected 16\)"),
+    ("key", (5, 16), r"key must have shape \[seq_len, batch, d_model=16\]"),
+    ("value", (5, 2, 12), r"value must have shape \[seq_len, batch, d_model=16\], got \[5, 2, 12\]"),
+])
+def test_wrong_rank_or_shape(attn, which, shape, message):
+    inputs = dict(query=torch.randn(2, 16), key=torch.randn(5, 2, 16), value=torch.randn(5, 2, 16))
+    inputs[which] = torch.randn(shape)
+    with pytest.raises(ValueError, match=message):
+        attn(**inputs)
+
+
+def test_precomputed_key_must_be_split_into_heads():
+    attn = fl.FeedbackAttention(4, 16, is_kv_precomputed=True)
+    with pytest.raises(ValueError, match=r"key must have shape \[seq_len, batch, heads=4, d_k=4\]"):
+        attn(torch.randn(2, 16), torch.randn(5, 2, 16), torch.randn(5, 2, 16))
+
+
+def test_not_a_tensor(attn):
+    with pytest.raises(TypeError, match=r"query must be a torch.Tensor of shape \[batch, d_model\], got list"):
+        attn([[0.0] * 16], torch.randn(5, 1, 16), torch.randn(5, 1, 16))
+
+
+def test_batch_of_query_and_memory_differ(attn):
+    with pytest.raises(ValueError, match="batch sizes differ: query has batch 3, key has batch 2, value has batch 2"):
+        attn(torch.randn(3, 16), torch.randn(5, 2, 16), torch.randn(5, 2, 16))
+
+
+def test_key_and_value_lengths_differ(attn):
+    with pytest.raises(ValueError, match="same seq_len, got 5 and 4"):
+        attn(torch.randn(2, 16), torch.randn(5, 2, 16), torch.randn(4, 2, 16))
+
+
+def test_memory_longer_than_4096(attn):
+    long = torch.zeros(fl.MAX_POSITIONS + 1, 1, 16)
+    with pytest.raises(ValueError, match="4097 steps but FeedbackAttention has only 4096 relative positions"):
+        attn(torch.zeros(1, 16), long, long)
+    model = make_transformer(True)
+    with pytest.raises(ValueError, match="attend to a memory of 4097 steps.*set mem_len <= 4096"):
+        model(torch.zeros(fl.MAX_POSITIONS + 2, 1, D_MODEL))
+
+
+def test_memory_longer_than_4096_across_calls():
+    lm = make_lm()
+    _, memory = lm(torch.zeros(1, 3, dtype=torch.long), return_memory=True)
+    full = fl.FeedbackMemory(tuple(t[:1].expand(fl.MAX_POSITIONS, -1, -1, -1) for t in memory.tensors),
+                             memory.signature)
+    with pytest.raises(ValueError, match="memory of 4097 steps"):
+        lm(torch.zeros(1, 2, dtype=torch.long), full)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 11, 100])
+def test_token_ids_outside_the_vocabulary(bad_id):
+    lm = make_lm()
+    tokens = torch.zeros(2, 4, dtype=torch.long)
+    tokens[1, 2] = bad_id
+    with pytest.raises(ValueError, match=rf"tokens holds id {bad_id}, outside the vocabulary \[0, 11\)"):
+        lm(tokens)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        lm.generate(tokens, 3)
+
+
+def test_tokens_wrong_rank_or_dtype():
+    lm = make_lm()
+    with pytest.raises(ValueError, match=r"tokens must have shape \[batch, seq\] \(2 dimensions\), got shape \[5\]"):
+        lm(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer token ids.*torch.float32"):
+        lm(torch.zeros(1, 5))
+
+
+@pytest.mark.parametrize("call", ["lm", "transformer", "attention"])
+def test_empty_sequence(call):
+    if call == "lm":
+        with pytest.raises(ValueError, match=r"tokens has an empty seq axis \(shape \[2, 0\]\)"):
+            make_lm()(torch.zeros(2, 0, dtype=torch.long))
+    elif call == "transformer":
+        with pytest.raises(ValueError, match=r"x_seq has an empty seq_len axis"):
+            make_transformer(False)(torch.zeros(0, 2, D_MODEL))
+    else:
+        with pytest.raises(ValueError, match=r"key has an empty seq_len axis"):
+            fl.FeedbackAttention(4, 16)(torch.zeros(2, 16), torch.zeros(0, 2, 16), torch.zeros(0, 2, 16))
+
+
+def test_memory_from_another_configuration():
+    _, memory = make_lm(n_vocab=11)(torch.zeros(1, 3, dtype=torch.long), return_memory=True)
+    other = fl.FeedbackLM(11, d_model=16, heads=4, n_layers=3, d_ff=32)
+    with pytest.raises(ValueError, match=r"memory was made by a model with configuration "
+                                         r"\('FeedbackTransformerKV', 2, 16, 4\), but this model is "
+                                         r"\('FeedbackTransformerKV', 3, 16, 4\)"):
+        other(torch.zeros(1, 2, dtype=torch.long), memory)
+    with pytest.raises(ValueError, match="FeedbackTransformer'"):
+        make_lm(shared_kv=False)(torch.zeros(1, 2, dtype=torch.long), memory)
+    with pytest.raises(TypeError, match="memory must be a FeedbackMemory"):
+        make_lm()(torch.zeros(1, 2, dtype=torch.long), memory.tensors[0])
+    with pytest.raises(ValueError, match="x_seq has batch 2, memory has batch 1"):
+        make_lm()(torch.zeros(2, 2, dtype=torch.long), memory)
+
+
+def test_dtype_mismatch(attn):
+    with pytest.raises(TypeError, match="query has dtype torch.float64 but the module's parameters are torch.float32"):
+        attn(torch.randn(2, 16, dtype=torch.float64), torch.randn(5, 2, 16), torch.randn(5, 2, 16))
+    with pytest.raises(TypeError, match="x_seq has dtype torch.float16"):
+        make_transformer(True)(torch.randn(3, 1, D_MODEL, dtype=torch.float16))
+
+
+def test_dtype_is_free_under_autocast(attn):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(torch.randn(2, 16, dtype=torch.bfloat16), torch.randn(5, 2, 16), torch.randn(5, 2, 16))
+    assert out.shape == (2, 16)
+
+
+def test_device_mismatch(attn):
+    meta = torch.empty(2, 16, device="meta")
+    with pytest.raises(ValueError, match="query is on device meta but the module's parameters are on cpu"):
+        attn(meta, torch.randn(5, 2, 16), torch.randn(5, 2, 16))
+    with pytest.raises(ValueError, match="tokens is on device meta but the model is on cpu"):
+        make_lm()(torch.zeros(1, 3, dtype=torch.long, device="meta"))
+
+
+def test_bad_sampling_arguments():
+    lm = make_lm()
+    prompt = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+        lm.generate(prompt, 2, temperature=-1)
+    with pytest.raises(ValueError, match="top_k must be None or an integer >= 1, got 0"):
+        lm.generate(prompt, 2, top_k=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 0"):
+        lm.generate(prompt, 0)
+
+
+def test_transformer_rejects_the_wrong_attention_kind():
+    layer = fl.FeedbackTransformerLayer(d_model=16, attn=fl.FeedbackAttention(4, 16), feed_forward=fl.FeedForward(16, 32),
+                                        dropout_prob=0.0)
+    with pytest.raises(ValueError, match="is_kv_precomputed=True"):
+        fl.FeedbackTransformerKV(layer, 2, 16, 4)
+    with pytest.raises(ValueError, match="attn was built for d_model=16 but the layer has d_model=8"):
+        fl.FeedbackTransformerLayer(d_model=8, attn=fl.FeedbackAttention(4, 16), feed_forward=fl.FeedForward(8, 8),
+                                    dropout_prob=0.0)

@@ -1,0 +1,77 @@
+"""Compatibility with labml.ai's reference implementation (skipped when labml-nn is not installed).
+
+Install it with ``pip install labml && pip install --no-deps labml-nn``. CI does not depend on it.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import feedback_lib as fl
+from helpers import randomize_
+
+ref = pytest.importorskip("labml_nn.transformers.feedback")
+RefFeedForward = pytest.importorskip("labml_nn.transformers.feed_forward").FeedForward
+
+
+def assert_same_state(ours: nn.Module, theirs: nn.Module) -> None:
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].shape == b[name].shape and torch.equal(a[name], b[name]), name
+
+
+def test_attention_same_seed_same_weights_same_outputs():
+    torch.manual_seed(3)
+    ours = fl.FeedbackAttention(4, 32, 0.0)
+    torch.manual_seed(3)
+    theirs = ref.FeedbackAttention(4, 32, 0.0)
+    assert_same_state(ours, theirs)
+    randomize_(ours)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    q, k, v = torch.randn(3, 32), torch.randn(6, 3, 32), torch.randn(6, 3, 32)
+    assert torch.equal(ours(q, k, v), theirs(query=q, key=k, value=v))
+
+
+def build(module, ff_cls, shared_kv: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    layer = module.FeedbackTransformerLayer(
+        d_model=32, attn=module.FeedbackAttention(4, 32, 0.0, is_kv_precomputed=shared_kv),
+        feed_forward=ff_cls(32, 64, 0.0), dropout_prob=0.0)
+    if shared_kv:
+        return module.FeedbackTransformerKV(layer, 3, 32, 4)
+    return module.FeedbackTransformer(layer, 3)
+
+
+@pytest.mark.parametrize("shared_kv", [False, True])
+def test_transformers_match_outputs_and_gradients(shared_kv):
+    ours, theirs = build(fl, fl.FeedForward, shared_kv), build(ref, RefFeedForward, shared_kv)
+    assert_same_state(ours, theirs)
+    randomize_(ours, std=0.2)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(10, 2, 32, requires_grad=True)
+    y, y_ref = ours(x), theirs(x)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *ours.parameters()], g)
+    grads_ref = torch.autograd.grad(y_ref, [x, *theirs.parameters()], g)
+    for (name, _), a, b in zip([("x", None), *ours.named_parameters()], grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+
+
+def test_language_model_loads_an_autoregressive_model_state():
+    """labml's AutoregressiveModel is src_embed -> transformer -> generator, time-major."""
+    theirs_transformer = build(ref, RefFeedForward, True, seed=5)
+    theirs = nn.Module()
+    theirs.src_embed = nn.Embedding(13, 32)
+    theirs.transformer = theirs_transformer
+    theirs.generator = nn.Linear(32, 13)
+    torch.manual_seed(5)
+    ours = fl.FeedbackLM(13, d_model=32, heads=4, n_layers=3, d_ff=64, dropout=0.0)
+    assert_same_state(ours, theirs)
+    randomize_(theirs)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    tokens = torch.randint(0, 13, (2, 9))
+    expected = theirs.generator(theirs.transformer(theirs.src_embed(tokens.t()))).transpose(0, 1)
+    torch.testing.assert_close(ours(tokens), expected)
