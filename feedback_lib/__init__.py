@@ -10,7 +10,7 @@ implementation:
 * ``FeedbackAttention``: ``query [batch, d_model]``, ``key``/``value [seq_len, batch, d_model]``
   (or ``[seq_len, batch, heads, d_k]`` when the keys and values are precomputed);
 * ``FeedbackTransformer`` / ``FeedbackTransformerKV``: ``x_seq [seq_len, batch, d_model]``;
-* every memory tensor: ``[mem_len, batch, ...]``.
+* every memory tensor (:class:`FeedbackMemory`): ``[length, batch, ...]``, oldest step first.
 
 The language model the user calls, :class:`FeedbackLM`, is **batch-major** like the rest of
 PyTorch's NLP code: token ids ``[batch, seq]`` in, logits ``[batch, seq, n_vocab]`` out.

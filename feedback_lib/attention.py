@@ -113,16 +113,20 @@ class FeedbackAttention(nn.Module):
         self.check_inputs(query, key, value)
         return self.attend(query, key, value, need_weights=need_weights)
 
-    def check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Raise a clear error if the inputs do not fit this module (see the class docstring)."""
-        check_tensor("query", query, ["batch", "d_model"], [None, self.d_model])
+    def check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                     query_name: str = "query") -> None:
+        """Raise a clear error if the inputs do not fit this module (see the class docstring).
+
+        ``query_name`` is the name the caller knows the query by (the layer calls it ``x``).
+        """
+        check_tensor(query_name, query, ["batch", "d_model"], [None, self.d_model])
         if self.is_kv_precomputed:
             dims, sizes = ["seq_len", "batch", "heads", "d_k"], [None, None, self.heads, self.d_k]
         else:
             dims, sizes = ["seq_len", "batch", "d_model"], [None, None, self.d_model]
         check_tensor("key", key, dims, sizes)
         check_tensor("value", value, dims, sizes)
-        check_same_batch(["query", "key", "value"], [query, key, value], [0, 1, 1])
+        check_same_batch([query_name, "key", "value"], [query, key, value], [0, 1, 1])
         if key.shape[0] != value.shape[0]:
             raise ValueError(f"key and value must have the same seq_len, got {key.shape[0]} and {value.shape[0]}")
         if key.shape[0] > self.P:
@@ -130,12 +134,16 @@ class FeedbackAttention(nn.Module):
                              f"has only {self.P} relative positions; keep the memory at most {self.P} long "
                              f"(FeedbackLM's mem_len does this)")
         weight = self.output.weight
-        for name, tensor in (("query", query), ("key", key), ("value", value)):
+        for name, tensor in ((query_name, query), ("key", key), ("value", value)):
             check_like(name, tensor, weight)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`forward` without the input checks (the transformers' per-step path)."""
+        """:meth:`forward` without the input checks.
+
+        The feedback transformers call this directly at every step, so neither the checks nor
+        module hooks on the attention run there (see :class:`~feedback_lib.FeedbackTransformer`).
+        """
         query = self.query(query)                      # [batch, heads, d_k]
         if self.key is not None:
             key = self.key(key)                        # [seq_len, batch, heads, d_k]

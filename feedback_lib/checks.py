@@ -1,8 +1,8 @@
 """Input checks shared by every public entry point.
 
 Each check raises an error that names the argument and the expected value or shape, so a
-mistake surfaces at the call that made it instead of deep inside torch. The hot loops call the
-unchecked internals, so the checks cost one pass per public call, not one per step.
+mistake surfaces at the call that made it instead of deep inside torch. The transformers' loops
+call the unchecked internals, so the checks cost one pass per public call, not one per step.
 """
 
 from __future__ import annotations
@@ -26,16 +26,26 @@ def check_probability(name: str, value: object) -> float:
     return float(value)
 
 
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a ``bool``, else raise naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_tensor(name: str, tensor: object, dims: Sequence[str], sizes: Sequence[int | None]) -> None:
     """Check that ``tensor`` is a tensor of rank ``len(dims)`` whose sizes match ``sizes``.
 
     ``dims`` names each axis (``["seq_len", "batch", "d_model"]``); ``sizes`` gives the
     required size of each axis, ``None`` for any size. Zero-sized axes are refused.
     """
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [{', '.join(dims)}], "
-                        f"got {type(tensor).__name__}")
+    if (isinstance(tensor, torch.Tensor) and tensor.dim() == len(dims)
+            and all(n > 0 and (s is None or n == s) for n, s in zip(tensor.shape, sizes))):
+        return
+    # Only a failing call pays for building the message.
     expected = "[" + ", ".join(d if s is None else f"{d}={s}" for d, s in zip(dims, sizes)) + "]"
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [{', '.join(dims)}], got {type(tensor).__name__}")
     if tensor.dim() != len(dims):
         raise ValueError(f"{name} must have shape {expected} ({len(dims)} dimensions), "
                          f"got shape {list(tensor.shape)}")
@@ -56,14 +66,19 @@ def check_same_batch(names: Sequence[str], tensors: Sequence[torch.Tensor], axes
         raise ValueError(f"batch sizes differ: {listed}; they must be equal")
 
 
-def check_like(name: str, tensor: torch.Tensor, reference: torch.Tensor, *, dtype: bool = True) -> None:
-    """Check that ``tensor`` lives on the module's device and, unless autocast is on, has its dtype.
+def check_like(name: str, tensor: torch.Tensor, reference: torch.Tensor) -> None:
+    """Check that ``tensor`` lives on the device of ``reference`` (a parameter) and has its dtype.
 
-    ``reference`` is one of the module's parameters.
+    Under ``torch.autocast`` the autocast dtype is accepted too, since autocast hands lower
+    precision activations from one module to the next.
     """
     if tensor.device != reference.device:
         raise ValueError(f"{name} is on device {tensor.device} but the module's parameters are on "
                          f"{reference.device}; move one of them (e.g. tensor.to({str(reference.device)!r}))")
-    if dtype and tensor.dtype != reference.dtype and not torch.is_autocast_enabled(tensor.device.type):
-        raise TypeError(f"{name} has dtype {tensor.dtype} but the module's parameters are "
-                        f"{reference.dtype}; convert one of them (or run under torch.autocast)")
+    if tensor.dtype == reference.dtype:
+        return
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type) and tensor.dtype == torch.get_autocast_dtype(device_type):
+        return
+    raise TypeError(f"{name} has dtype {tensor.dtype} but the module's parameters are {reference.dtype}; "
+                    f"convert one of them (or run under torch.autocast, which also accepts its own dtype)")

@@ -28,6 +28,8 @@ class FeedForward(nn.Module):
         check_positive_int("d_model", d_model)
         check_positive_int("d_ff", d_ff)
         check_probability("dropout", dropout)
+        if activation is not None and not isinstance(activation, nn.Module):
+            raise TypeError(f"activation must be None or an nn.Module such as nn.GELU(), got {activation!r}")
         super().__init__()
         self.layer1 = nn.Linear(d_model, d_ff, bias=bias1)
         self.layer2 = nn.Linear(d_ff, d_model, bias=bias2)

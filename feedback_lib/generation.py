@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from feedback_lib.checks import check_tensor
 
-def check_sampling(temperature: float, top_k: int | None) -> None:
-    """Raise a clear error unless ``temperature >= 0`` and ``top_k`` is None or a positive integer."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
+
+def check_sampling(temperature: float, top_k: int | None, generator: torch.Generator | None = None) -> None:
+    """Raise a clear error unless ``temperature`` is a finite number >= 0, ``top_k`` is None or a
+    positive integer and ``generator`` is None or a ``torch.Generator``."""
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -18,15 +26,20 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     """Pick one token per row of ``logits [batch, n_vocab]``; returns ids ``[batch, 1]``.
 
     ``temperature=0`` (or ``top_k=1``) is greedy decoding: the argmax. Otherwise the logits are
-    divided by ``temperature``, all but the ``top_k`` largest are dropped when ``top_k`` is set,
-    and a token is drawn from the softmax (with ``generator`` for reproducible draws).
+    divided by ``temperature``; with ``top_k`` set, only tokens whose logit is at least the
+    ``top_k``-th largest can be drawn (ties with it included); a token is then drawn from the
+    softmax, with ``generator`` for reproducible draws.
     """
-    check_sampling(temperature, top_k)
+    check_tensor("logits", logits, ["batch", "n_vocab"], [None, None])
+    check_sampling(temperature, top_k, generator)
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    # Shift by the maximum and divide in float64: even a tiny temperature then gives 0 for the
+    # best token and -inf for the rest, never inf - inf.
+    logits = logits.double()
+    scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temperature        # [batch, n_vocab]
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]          # [batch, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)                                 # [batch, n_vocab]
-    return torch.multinomial(probs, 1, generator=generator)              # [batch, 1]
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]                        # [batch, 1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)                                             # [batch, n_vocab]
+    return torch.multinomial(probs, 1, generator=generator)                           # [batch, 1]

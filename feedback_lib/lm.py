@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from feedback_lib.attention import FeedbackAttention
-from feedback_lib.checks import check_positive_int, check_probability, check_tensor
+from feedback_lib.attention import MAX_POSITIONS, FeedbackAttention
+from feedback_lib.checks import check_bool, check_positive_int, check_probability, check_tensor
 from feedback_lib.feed_forward import FeedForward
 from feedback_lib.generation import check_sampling, sample_next_token
 from feedback_lib.memory import FeedbackMemory
@@ -32,6 +32,7 @@ class FeedbackLM(nn.Module):
                  dropout: float = 0.0, shared_kv: bool = True, mem_len: int | None = None):
         check_positive_int("n_vocab", n_vocab)
         check_probability("dropout", dropout)
+        check_bool("shared_kv", shared_kv)
         super().__init__()
         self.config = dict(n_vocab=n_vocab, d_model=d_model, heads=heads, n_layers=n_layers, d_ff=d_ff,
                            dropout=dropout, shared_kv=shared_kv, mem_len=mem_len)
@@ -58,6 +59,8 @@ class FeedbackLM(nn.Module):
         call on the whole text. With ``return_memory=True`` returns ``(logits, memory)``.
         """
         self.check_tokens("tokens", tokens)
+        check_bool("return_memory", return_memory)
+        self.transformer.check_memory(memory, tokens.shape[0], tokens.shape[1], input_name="tokens")
         x = self.src_embed(tokens.t())                     # batch-major ids -> time-major [seq, batch, d_model]
         result = self.transformer(x, memory, return_memory=return_memory)
         out, memory = result if return_memory else (result, None)
@@ -86,8 +89,15 @@ class FeedbackLM(nn.Module):
         memory, never a re-run of the prefix. ``temperature=0`` (or ``top_k=1``) is greedy decoding.
         Runs in eval mode (no dropout) and restores the previous mode.
         """
+        self.check_tokens("prompt", prompt)
         check_positive_int("max_new_tokens", max_new_tokens)
-        check_sampling(temperature, top_k)
+        check_sampling(temperature, top_k, generator)
+        # The last forward call reads the token before the final one, over all earlier steps.
+        longest = prompt.shape[1] + max_new_tokens - 2
+        if self.config["mem_len"] is None and longest > MAX_POSITIONS:
+            raise ValueError(f"a prompt of {prompt.shape[1]} tokens plus max_new_tokens={max_new_tokens} needs a "
+                             f"memory of {longest} steps, more than the {MAX_POSITIONS} relative positions; "
+                             f"generate fewer tokens or build the model with mem_len <= {MAX_POSITIONS}")
         was_training = self.training
         self.eval()
         try:

@@ -16,6 +16,18 @@ from __future__ import annotations
 
 import torch
 
+from feedback_lib.checks import check_positive_int
+
+
+def check_block(block: object, row_shape: torch.Size | None) -> None:
+    """Raise unless ``block`` is a tensor ``[k, *row_shape]`` with ``k >= 1`` (any rows if ``row_shape`` is None)."""
+    if not isinstance(block, torch.Tensor) or block.dim() < 1 or block.shape[0] == 0:
+        shape = list(block.shape) if isinstance(block, torch.Tensor) else type(block).__name__
+        raise ValueError(f"block must be a tensor [k, *row_shape] with k >= 1 rows, got {shape}")
+    if row_shape is not None and block.shape[1:] != row_shape:
+        raise ValueError(f"block rows have shape {list(block.shape[1:])} but the stack holds rows of "
+                         f"shape {list(row_shape)}")
+
 
 class StackFunction(torch.autograd.Function):
     """Return rows ``[start, end)`` of a :class:`Stack` buffer as a view, without copying.
@@ -34,8 +46,9 @@ class StackFunction(torch.autograd.Function):
 
     Backward adds the incoming gradient into rows ``[start, end)`` of the shared gradient buffer.
     Reads run backward newest first, so when a read's backward runs, every later read has already
-    added its gradient for the rows of ``last``: the read returns those rows as ``last``'s
-    gradient and zeroes them, which leaves the buffer clean for the next backward pass.
+    added its gradient for the rows of ``last``: the read returns (a copy of) those rows as
+    ``last``'s gradient. Each backward pass gets a fresh gradient buffer (see
+    :meth:`Stack.grad_buffer`), so a second pass over the same graph starts from zero.
     """
 
     @staticmethod
@@ -50,11 +63,7 @@ class StackFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grad = ctx.stack.grad_buffer(grad_output)
         grad[ctx.start:ctx.end] += grad_output
-        grad_last = None
-        if ctx.n_last:
-            block = grad[ctx.end - ctx.n_last:ctx.end]
-            grad_last = block.clone()
-            block.zero_()
+        grad_last = grad[ctx.end - ctx.n_last:ctx.end].clone() if ctx.n_last else None
         return None, None, grad_last, None, None, None
 
 
@@ -67,11 +76,10 @@ class Stack:
     """
 
     def __init__(self, capacity: int):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
-        self.capacity = capacity
+        self.capacity = check_positive_int("capacity", capacity)
         self.memory: torch.Tensor | None = None   # [capacity, *row_shape]
         self.memory_grad: torch.Tensor | None = None
+        self._grad_pass: int | None = None        # the backward pass memory_grad belongs to
         self.length = 0
         self._last: torch.Tensor | None = None
         self._previous: torch.Tensor | None = None
@@ -84,11 +92,9 @@ class Stack:
         if self._last is not None:
             raise RuntimeError("Stack.append called twice without a get() in between; "
                                "read the stack after each append")
+        check_block(block, None if self.memory is None else self.memory.shape[1:])
         if self.memory is None:
             self.memory = block.new_empty((self.capacity, *block.shape[1:]))
-        elif block.shape[1:] != self.memory.shape[1:]:
-            raise ValueError(f"block rows have shape {list(block.shape[1:])} but the stack holds rows of "
-                             f"shape {list(self.memory.shape[1:])}")
         end = self.length + block.shape[0]
         if end > self.capacity:
             raise RuntimeError(f"Stack is full: {self.length} + {block.shape[0]} rows exceed its capacity "
@@ -109,9 +115,16 @@ class Stack:
         return out
 
     def grad_buffer(self, like: torch.Tensor) -> torch.Tensor:
-        """The shared gradient buffer ``[capacity, *row_shape]``, allocated at the first backward."""
-        if self.memory_grad is None:
+        """The shared gradient buffer ``[capacity, *row_shape]`` of the running backward pass.
+
+        It is allocated (zeroed) by the first read that runs backward in each pass, so that a pass
+        which skipped some reads (``torch.autograd.grad`` with only some inputs) leaves nothing
+        behind for the next one.
+        """
+        backward_pass = torch._C._current_graph_task_id()
+        if self.memory_grad is None or backward_pass != self._grad_pass:
             self.memory_grad = like.new_zeros((self.capacity, *like.shape[1:]))
+            self._grad_pass = backward_pass
         return self.memory_grad
 
 
@@ -122,7 +135,7 @@ class NaiveStack:
     """
 
     def __init__(self, capacity: int):
-        self.capacity = capacity
+        self.capacity = check_positive_int("capacity", capacity)
         self.blocks: list[torch.Tensor] = []
         self.length = 0
 
@@ -131,6 +144,7 @@ class NaiveStack:
 
     def append(self, block: torch.Tensor) -> None:
         """Add ``block [k, *row_shape]`` to the list."""
+        check_block(block, self.blocks[0].shape[1:] if self.blocks else None)
         if self.length + block.shape[0] > self.capacity:
             raise RuntimeError(f"NaiveStack is full: {self.length} + {block.shape[0]} rows exceed its "
                                f"capacity of {self.capacity}")

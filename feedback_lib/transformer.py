@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from feedback_lib.attention import MAX_POSITIONS, FeedbackAttention, HeadProjection
-from feedback_lib.checks import check_like, check_positive_int, check_probability, check_tensor
+from feedback_lib.checks import check_bool, check_like, check_positive_int, check_probability, check_tensor
 from feedback_lib.memory import FeedbackMemory
 from feedback_lib.stack import NaiveStack, Stack
 
@@ -49,7 +49,7 @@ class FeedbackTransformerLayer(nn.Module):
         if key is None:
             check_like("x", x, self.norm_ff.weight)
         else:
-            self.attn.check_inputs(x, key, value)
+            self.attn.check_inputs(x, key, value, query_name="x")
         return self.step(x, key, value)
 
     def step(self, x: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor:
@@ -64,9 +64,13 @@ class FeedbackTransformerLayer(nn.Module):
 class _FeedbackLoop(nn.Module):
     """The token-by-token loop shared by both transformers; they differ only in what they store.
 
-    A subclass names its stores (``store_names``), turns a step's memory vector into their rows
-    (:meth:`memory_rows`) and turns what it reads back into the layers' key and value
-    (:meth:`key_value`).
+    A subclass names its stores (``store_names``) and the shape of one stored row
+    (:meth:`row_shape`), turns a step's memory vector into rows (:meth:`memory_rows`) and turns
+    what it reads back into the layers' key and value (:meth:`key_value`).
+
+    The loop checks its input once and then calls each layer's :meth:`~FeedbackTransformerLayer.step`
+    directly, for speed: forward hooks registered on a layer or its attention do not run inside
+    the loop. Hook the transformer itself, or call a layer on its own to inspect it.
     """
 
     store_names: tuple[str, ...] = ()
@@ -75,6 +79,7 @@ class _FeedbackLoop(nn.Module):
         if not isinstance(layer, FeedbackTransformerLayer):
             raise TypeError(f"layer must be a FeedbackTransformerLayer, got {type(layer).__name__}")
         check_positive_int("n_layers", n_layers)
+        check_bool("naive_stack", naive_stack)
         if mem_len is not None and (check_positive_int("mem_len", mem_len) > MAX_POSITIONS):
             raise ValueError(f"mem_len must be at most {MAX_POSITIONS} (the number of relative positions), "
                              f"got {mem_len}")
@@ -95,6 +100,10 @@ class _FeedbackLoop(nn.Module):
         """The configuration a :class:`FeedbackMemory` must come from to be fed to this model."""
         return (type(self).__name__, self.n_layers, self.d_model, self.heads)
 
+    def row_shape(self) -> tuple[list[str], list[int | None]]:
+        """Axis names and sizes of one stored step (the batch axis first, any size)."""
+        raise NotImplementedError
+
     def memory_rows(self, mem: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """What one step stores, given its memory vector ``[batch, d_model]``."""
         raise NotImplementedError
@@ -112,7 +121,10 @@ class _FeedbackLoop(nn.Module):
         result is ``(output, memory)``. When ``mem_len`` is set, each step attends to at most the
         last ``mem_len`` memory entries (first in, first out).
         """
-        self._check_input(x_seq, memory)
+        check_tensor("x_seq", x_seq, ["seq_len", "batch", "d_model"], [None, None, self.d_model])
+        check_like("x_seq", x_seq, self.norm.weight)
+        check_bool("return_memory", return_memory)
+        self.check_memory(memory, x_seq.shape[1], x_seq.shape[0], input_name="x_seq")
         seq_len = x_seq.shape[0]
         prefix = () if memory is None else memory.tensors
         if prefix and self.mem_len is not None:
@@ -140,7 +152,10 @@ class _FeedbackLoop(nn.Module):
         if not return_memory:
             return out
         start = self._window_start(len(stores[0]))
-        return out, FeedbackMemory(tuple(store.get(start) for store in stores), self.signature)
+        kept = [store.get(start) for store in stores]
+        if start:   # copy the window, so the memory does not keep the whole buffer alive
+            kept = [t.clone() for t in kept]
+        return out, FeedbackMemory(tuple(kept), self.signature)
 
     def _window_start(self, length: int) -> int:
         return 0 if self.mem_len is None else max(0, length - self.mem_len)
@@ -149,9 +164,9 @@ class _FeedbackLoop(nn.Module):
         start = self._window_start(len(stores[0]))
         return self.key_value([store.get(start) for store in stores])
 
-    def _check_input(self, x_seq: torch.Tensor, memory: FeedbackMemory | None) -> None:
-        check_tensor("x_seq", x_seq, ["seq_len", "batch", "d_model"], [None, None, self.d_model])
-        check_like("x_seq", x_seq, self.norm.weight)
+    def check_memory(self, memory: FeedbackMemory | None, batch: int, seq_len: int, *, input_name: str) -> None:
+        """Raise a clear error unless ``memory`` can continue an input of ``batch`` rows and
+        ``seq_len`` steps (called ``input_name`` in the message) within the position limit."""
         n_prefix = 0
         if memory is not None:
             if not isinstance(memory, FeedbackMemory):
@@ -160,13 +175,21 @@ class _FeedbackLoop(nn.Module):
             if memory.signature != self.signature:
                 raise ValueError(f"memory was made by a model with configuration {memory.signature}, but this "
                                  f"model is {self.signature} (class, n_layers, d_model, heads)")
-            if memory.batch_size != x_seq.shape[1]:
-                raise ValueError(f"batch sizes differ: x_seq has batch {x_seq.shape[1]}, "
-                                 f"memory has batch {memory.batch_size}")
+            if len(memory.tensors) != len(self.store_names):
+                raise ValueError(f"memory must hold {len(self.store_names)} tensor(s) ({', '.join(self.store_names)}), "
+                                 f"got {len(memory.tensors)}")
+            dims, sizes = self.row_shape()
             for name, tensor in zip(self.store_names, memory.tensors):
-                check_like(f"memory ({name})", tensor, self.norm.weight, dtype=False)
+                check_tensor(f"memory ({name})", tensor, ["length", *dims], [None, *sizes])
+                check_like(f"memory ({name})", tensor, self.norm.weight)
+            lengths = {t.shape[0] for t in memory.tensors}
+            if len(lengths) > 1:
+                raise ValueError(f"memory tensors have different lengths {sorted(lengths)}; they must be equal")
+            if memory.batch_size != batch:
+                raise ValueError(f"batch sizes differ: {input_name} has batch {batch}, "
+                                 f"memory has batch {memory.batch_size}")
             n_prefix = len(memory)
-        longest = n_prefix + x_seq.shape[0] - 1       # the memory the last step attends to
+        longest = n_prefix + seq_len - 1       # the memory the last step attends to
         if self.mem_len is not None:
             longest = min(longest, self.mem_len)
         if longest > MAX_POSITIONS:
@@ -189,6 +212,9 @@ class FeedbackTransformer(_FeedbackLoop):
     """
 
     store_names = ("memory",)
+
+    def row_shape(self) -> tuple[list[str], list[int | None]]:
+        return ["batch", "d_model"], [None, self.d_model]
 
     def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, *, mem_len: int | None = None,
                  naive_stack: bool = False):
@@ -222,6 +248,9 @@ class FeedbackTransformerKV(_FeedbackLoop):
     """
 
     store_names = ("key", "value")
+
+    def row_shape(self) -> tuple[list[str], list[int | None]]:
+        return ["batch", "heads", "d_k"], [None, self.heads, self.d_model // self.heads]
 
     def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, d_model: int, heads: int, *,
                  mem_len: int | None = None, naive_stack: bool = False):

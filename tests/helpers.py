@@ -40,3 +40,17 @@ def make_lm(shared_kv: bool = True, *, n_vocab: int = 11, mem_len: int | None = 
     lm = fl.FeedbackLM(n_vocab, d_model=D_MODEL, heads=HEADS, n_layers=N_LAYERS, d_ff=D_FF,
                        shared_kv=shared_kv, mem_len=mem_len)
     return randomize_(lm, seed=seed).eval()
+
+
+def assert_same_outputs_and_gradients(model: torch.nn.Module, other: torch.nn.Module, x: torch.Tensor,
+                                      **tolerance) -> None:
+    """Both models give the same output on ``x`` and the same gradients for ``x`` and every parameter."""
+    x = x.detach().requires_grad_()
+    y, y_other = model(x), other(x)
+    torch.testing.assert_close(y, y_other, **tolerance)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *model.parameters()], g)
+    grads_other = torch.autograd.grad(y_other, [x, *other.parameters()], g)
+    names = ["x"] + [name for name, _ in model.named_parameters()]
+    for name, a, b in zip(names, grads, grads_other, strict=True):
+        torch.testing.assert_close(a, b, **tolerance, msg=f"gradient of {name}")

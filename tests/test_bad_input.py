@@ -123,8 +123,23 @@ def test_memory_from_another_configuration():
         make_lm(shared_kv=False)(torch.zeros(1, 2, dtype=torch.long), memory)
     with pytest.raises(TypeError, match="memory must be a FeedbackMemory"):
         make_lm()(torch.zeros(1, 2, dtype=torch.long), memory.tensors[0])
-    with pytest.raises(ValueError, match="x_seq has batch 2, memory has batch 1"):
+    with pytest.raises(ValueError, match="tokens has batch 2, memory has batch 1"):
         make_lm()(torch.zeros(2, 2, dtype=torch.long), memory)
+
+
+@pytest.mark.parametrize("tensors, message", [
+    (lambda k, v: (), r"memory must hold 2 tensor\(s\) \(key, value\), got 0"),
+    (lambda k, v: (k,), r"memory must hold 2 tensor\(s\)"),
+    (lambda k, v: (k, v[:2]), r"memory tensors have different lengths \[2, 3\]"),
+    (lambda k, v: (k[..., :2], v), r"memory \(key\) must have shape \[length, batch, heads=4, d_k=4\]"),
+    (lambda k, v: (k[:0], v[:0]), r"memory \(key\) has an empty length axis"),
+])
+def test_hand_built_memory_is_checked(tensors, message):
+    lm = make_lm()
+    _, memory = lm(torch.zeros(1, 3, dtype=torch.long), return_memory=True)
+    bad = fl.FeedbackMemory(tensors(*memory.tensors), memory.signature)
+    with pytest.raises(ValueError, match=message):
+        lm(torch.zeros(1, 2, dtype=torch.long), bad)
 
 
 def test_dtype_mismatch(attn):
@@ -132,12 +147,21 @@ def test_dtype_mismatch(attn):
         attn(torch.randn(2, 16, dtype=torch.float64), torch.randn(5, 2, 16), torch.randn(5, 2, 16))
     with pytest.raises(TypeError, match="x_seq has dtype torch.float16"):
         make_transformer(True)(torch.randn(3, 1, D_MODEL, dtype=torch.float16))
+    lm = make_lm()
+    _, memory = lm(torch.zeros(1, 3, dtype=torch.long), return_memory=True)
+    half = fl.FeedbackMemory(tuple(t.half() for t in memory.tensors), memory.signature)
+    with pytest.raises(TypeError, match=r"memory \(key\) has dtype torch.float16"):
+        lm(torch.zeros(1, 2, dtype=torch.long), half)
 
 
-def test_dtype_is_free_under_autocast(attn):
+def test_autocast_accepts_its_own_dtype_only(attn):
+    q, k = torch.randn(2, 16), torch.randn(5, 2, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = attn(torch.randn(2, 16, dtype=torch.bfloat16), torch.randn(5, 2, 16), torch.randn(5, 2, 16))
-    assert out.shape == (2, 16)
+        out = attn(q.bfloat16(), k, k)
+        with pytest.raises(TypeError, match="query has dtype torch.float64"):
+            attn(q.double(), k, k)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), attn(q, k, k), atol=0.1, rtol=0.1)
 
 
 def test_device_mismatch(attn):
@@ -151,7 +175,17 @@ def test_device_mismatch(attn):
 def test_bad_sampling_arguments():
     lm = make_lm()
     prompt = torch.zeros(1, 2, dtype=torch.long)
-    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        lm.generate(prompt, 2, temperature=float("nan"))
+    with pytest.raises(TypeError, match="generator must be None or a torch.Generator, got int"):
+        lm.generate(prompt, 2, generator=0)
+    with pytest.raises(TypeError, match="prompt must hold integer token ids"):
+        lm.generate(prompt.float(), 2)
+    with pytest.raises(ValueError, match=r"logits must have shape \[batch, n_vocab\] \(2 dimensions\)"):
+        fl.sample_next_token(torch.zeros(5), top_k=2)
+    with pytest.raises(ValueError, match="needs a memory of 4097 steps"):
+        lm.generate(prompt, fl.MAX_POSITIONS + 1)
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         lm.generate(prompt, 2, temperature=-1)
     with pytest.raises(ValueError, match="top_k must be None or an integer >= 1, got 0"):
         lm.generate(prompt, 2, top_k=0)
@@ -167,3 +201,20 @@ def test_transformer_rejects_the_wrong_attention_kind():
     with pytest.raises(ValueError, match="attn was built for d_model=16 but the layer has d_model=8"):
         fl.FeedbackTransformerLayer(d_model=8, attn=fl.FeedbackAttention(4, 16), feed_forward=fl.FeedForward(8, 8),
                                     dropout_prob=0.0)
+
+
+def test_flags_must_be_booleans():
+    with pytest.raises(TypeError, match="shared_kv must be True or False, got 'no'"):
+        fl.FeedbackLM(5, d_model=8, heads=2, n_layers=1, d_ff=8, shared_kv="no")
+    with pytest.raises(TypeError, match="return_memory must be True or False"):
+        make_lm()(torch.zeros(1, 2, dtype=torch.long), return_memory="no")
+    with pytest.raises(ValueError, match="capacity must be a positive integer"):
+        fl.NaiveStack(0)
+
+
+def test_layer_errors_name_its_argument():
+    layer = make_transformer(False).layers[0]
+    with pytest.raises(ValueError, match="batch sizes differ: x has batch 3, key has batch 2"):
+        layer(torch.randn(3, D_MODEL), torch.randn(4, 2, D_MODEL), torch.randn(4, 2, D_MODEL))
+    with pytest.raises(ValueError, match="key and value must both be given"):
+        layer(torch.randn(3, D_MODEL), torch.randn(4, 3, D_MODEL))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import feedback_lib as fl
-from helpers import randomize_
+from helpers import assert_same_outputs_and_gradients, randomize_
 
 ref = pytest.importorskip("labml_nn.transformers.feedback")
 RefFeedForward = pytest.importorskip("labml_nn.transformers.feed_forward").FeedForward
@@ -50,14 +50,7 @@ def test_transformers_match_outputs_and_gradients(shared_kv):
     assert_same_state(ours, theirs)
     randomize_(ours, std=0.2)
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    x = torch.randn(10, 2, 32, requires_grad=True)
-    y, y_ref = ours(x), theirs(x)
-    torch.testing.assert_close(y, y_ref)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x, *ours.parameters()], g)
-    grads_ref = torch.autograd.grad(y_ref, [x, *theirs.parameters()], g)
-    for (name, _), a, b in zip([("x", None), *ours.named_parameters()], grads, grads_ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+    assert_same_outputs_and_gradients(ours, theirs, torch.randn(10, 2, 32), atol=1e-5, rtol=1e-4)
 
 
 def test_language_model_loads_an_autoregressive_model_state():

@@ -9,8 +9,8 @@ import feedback_lib as fl
 def read_every_step(store_cls, x, start_of=lambda n: 0):
     """Append the rows of ``x [T, ...]`` one by one and read the stack after each append.
 
-    Each read is used on its own (no read depends on an earlier one), so autograd is free to run
-    their backward passes in any order: the Stack must still give the right gradients.
+    Each read is used on its own: no read's output feeds a later append, unlike in the
+    transformers, so only the Stack's own bookkeeping orders the backward passes of the reads.
     """
     store = store_cls(x.shape[0])
     outs = []
@@ -60,6 +60,18 @@ def test_a_second_backward_pass_gives_the_same_gradients():
     assert torch.equal(g1, g2)
 
 
+def test_a_partial_backward_pass_leaves_nothing_behind():
+    """A pass that skips some reads (gradient for one input only) must not disturb the next pass."""
+    xs = [torch.randn(1, 3, dtype=torch.float64, requires_grad=True) for _ in range(5)]
+    y = read_every_step(fl.Stack, torch.cat(xs))
+    g = torch.randn_like(y)
+    torch.autograd.grad(y, xs[3], g, retain_graph=True)
+    full = torch.autograd.grad(y, xs, g)
+    expected = torch.autograd.grad(read_every_step(fl.NaiveStack, torch.cat(xs)), xs, g)
+    for a, b in zip(full, expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_block_append_carries_gradients_to_a_prefix():
     prefix = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     new = torch.randn(1, 2, dtype=torch.float64, requires_grad=True)
@@ -89,3 +101,10 @@ def test_protocol_errors():
         store.get(5)
     with pytest.raises(ValueError, match="capacity"):
         fl.Stack(0)
+    for store in (fl.Stack(3), fl.NaiveStack(3)):
+        with pytest.raises(ValueError, match=r"block must be a tensor \[k, \*row_shape\] with k >= 1 rows, got \[\]"):
+            store.append(torch.tensor(1.0))
+        store.append(torch.zeros(1, 3))
+        store.get()
+        with pytest.raises(ValueError, match=r"block rows have shape \[4\] but the stack holds rows of shape \[3\]"):
+            store.append(torch.zeros(1, 4))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import feedback_lib as fl
-from helpers import D_MODEL, make_transformer
+from helpers import D_MODEL, assert_same_outputs_and_gradients, make_transformer
 
 VARIANTS = pytest.mark.parametrize("shared_kv", [False, True], ids=["per-layer-kv", "shared-kv"])
 
@@ -80,14 +80,7 @@ def test_stack_gradients_equal_naive_stack_gradients(shared_kv, mem_len):
     fast = make_transformer(shared_kv, mem_len=mem_len, dtype=torch.float64)
     naive = make_transformer(shared_kv, mem_len=mem_len, naive_stack=True, dtype=torch.float64)
     naive.load_state_dict(fast.state_dict())
-    x = torch.randn(12, 2, D_MODEL, dtype=torch.float64, requires_grad=True)
-    y, y_naive = fast(x), naive(x)
-    torch.testing.assert_close(y, y_naive)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x, *fast.parameters()], g)
-    grads_naive = torch.autograd.grad(y_naive, [x, *naive.parameters()], g)
-    for (name, _), a, b in zip([("x", None), *fast.named_parameters()], grads, grads_naive):
-        torch.testing.assert_close(a, b, msg=f"gradient of {name}")
+    assert_same_outputs_and_gradients(fast, naive, torch.randn(12, 2, D_MODEL, dtype=torch.float64))
 
 
 @VARIANTS
@@ -104,19 +97,21 @@ def test_gradients_flow_through_a_carried_memory(shared_kv):
 
 
 @VARIANTS
-def test_memory_weights_are_a_softmax(shared_kv):
+def test_memory_is_the_softmax_weighted_sum_of_all_layers(shared_kv):
     model = make_transformer(shared_kv)
     x = torch.randn(3, 1, D_MODEL)
     _, memory = model(x, return_memory=True)
     assert len(memory) == 3 and memory.batch_size == 1
     assert memory.tensors[0].shape == ((3, 1, 4, 4) if shared_kv else (3, 1, D_MODEL))
-    if not shared_kv:
-        # The first memory vector is the weighted sum of the input and the layers' outputs of step 0.
-        weights = torch.softmax(model.weights, 0)
-        h = [x[0]]
-        for layer in model.layers:
-            h.append(layer(h[-1]))
-        torch.testing.assert_close(memory.tensors[0][0], sum(w * hi for w, hi in zip(weights, h)))
+    # Step 0 has no memory to attend to, so each layer is just its feed-forward block.
+    h = [x[0]]
+    for layer in model.layers:
+        h.append(layer(h[-1]))
+    weights = torch.softmax(model.weights, 0)
+    m0 = sum(w * hi for w, hi in zip(weights, h))
+    expected = (model.key(m0), model.value(m0)) if shared_kv else (m0,)
+    for stored, want in zip(memory.tensors, expected, strict=True):
+        torch.testing.assert_close(stored[0], want)
 
 
 def test_layer_skips_attention_without_memory():
