@@ -59,8 +59,13 @@ class FeedbackLM(nn.Module):
         call on the whole text. With ``return_memory=True`` returns ``(logits, memory)``.
         """
         self.check_tokens("tokens", tokens)
-        check_bool("return_memory", return_memory)
+        # Checked here as well as in the transformer, so that a mismatch is reported against `tokens`.
         self.transformer.check_memory(memory, tokens.shape[0], tokens.shape[1], input_name="tokens")
+        return self.logits(tokens, memory, return_memory)
+
+    def logits(self, tokens: torch.Tensor, memory: FeedbackMemory | None,
+               return_memory: bool) -> torch.Tensor | tuple[torch.Tensor, FeedbackMemory]:
+        """:meth:`forward` without the token checks (generation's per-token path: its tokens are valid)."""
         x = self.src_embed(tokens.t())                     # batch-major ids -> time-major [seq, batch, d_model]
         result = self.transformer(x, memory, return_memory=return_memory)
         out, memory = result if return_memory else (result, None)
@@ -101,13 +106,13 @@ class FeedbackLM(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            logits, memory = self(prompt, return_memory=True)
+            logits, memory = self.logits(prompt, None, return_memory=True)
             tokens = [prompt]
             for i in range(max_new_tokens):
                 next_token = sample_next_token(logits[:, -1], temperature, top_k, generator)  # [batch, 1]
                 tokens.append(next_token)
                 if i + 1 < max_new_tokens:
-                    logits, memory = self(next_token, memory, return_memory=True)
+                    logits, memory = self.logits(next_token, memory, return_memory=True)
         finally:
             self.train(was_training)
         return torch.cat(tokens, dim=1)
