@@ -1,11 +1,14 @@
 # Two commands for a fresh machine (see README.md):
 #   make book   set up .venv and build the website into _build/html
-#   make test   set up .venv and run the test suite (what CI runs)
+#   make test   set up .venv, run the library tests, execute every chapter (fast mode) and build
+#               the website with warnings as errors (what CI runs: .ci/run)
+# For maintainers: `make notebooks` re-executes every chapter in full mode and stores the outputs.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+CHAPTERS := $(wildcard book/*.ipynb)
 
-.PHONY: setup book test clean
+.PHONY: setup book test notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -18,8 +21,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 book: setup
 	$(BIN)/jupyter-book build -W --keep-going .
 
+# pytest exits with 5 when it collects nothing, which fails the target.
 test: setup
-	$(BIN)/python -m pytest
+	FEEDBACK_LIB_FAST=1 $(BIN)/python -m pytest --nbval-lax --nbval-current-env tests book
+	$(BIN)/jupyter-book build -W --keep-going .
+
+notebooks: setup
+	cd book && for nb in $(notdir $(CHAPTERS)); do ../$(BIN)/jupyter execute --inplace --timeout=1800 $$nb || exit 1; done
 
 clean:
 	rm -rf _build $(VENV) .pytest_cache

@@ -15,11 +15,18 @@ implementation:
 The language model the user calls, :class:`FeedbackLM`, is **batch-major** like the rest of
 PyTorch's NLP code: token ids ``[batch, seq]`` in, logits ``[batch, seq, n_vocab]`` out.
 ``FeedbackLM.forward`` is the one place where the two conventions meet.
+
+Figures and interactive controls live in ``feedback_lib.plots`` and ``feedback_lib.widgets``
+(they need matplotlib and ipywidgets: ``pip install "feedback_lib[book]"``). The environment
+variable ``FEEDBACK_LIB_FAST=1`` switches the book's experiments to small sizes
+(:func:`by_mode`); CI runs the notebooks that way.
 """
 
-from feedback_lib.attention import MAX_POSITIONS, FeedbackAttention, HeadProjection
+from feedback_lib.attention import MAX_POSITIONS, FeedbackAttention, HeadProjection, attention_maps
+from feedback_lib.fast_mode import FAST_ENV, by_mode, fast_mode
 from feedback_lib.feed_forward import FeedForward
 from feedback_lib.generation import sample_next_token
+from feedback_lib.information_flow import ancestors, computation_depth, flow_edges
 from feedback_lib.lm import FeedbackLM
 from feedback_lib.memory import FeedbackMemory
 from feedback_lib.numpy_reference import (
@@ -28,6 +35,7 @@ from feedback_lib.numpy_reference import (
     score_terms_numpy,
     softmax_numpy,
 )
+from feedback_lib.randomize import randomize_parameters_
 from feedback_lib.stack import NaiveStack, Stack, StackFunction
 from feedback_lib.transformer import (
     FeedbackTransformer,
@@ -36,7 +44,7 @@ from feedback_lib.transformer import (
 )
 
 __all__ = [
-    "MAX_POSITIONS",
+    "FAST_ENV",
     "FeedForward",
     "FeedbackAttention",
     "FeedbackLM",
@@ -45,14 +53,34 @@ __all__ = [
     "FeedbackTransformerKV",
     "FeedbackTransformerLayer",
     "HeadProjection",
+    "MAX_POSITIONS",
     "NaiveStack",
     "Stack",
     "StackFunction",
+    "ancestors",
+    "attention_maps",
     "attention_weights_numpy",
+    "by_mode",
+    "computation_depth",
+    "fast_mode",
     "feedback_attention_numpy",
+    "flow_edges",
+    "randomize_parameters_",
     "sample_next_token",
     "score_terms_numpy",
     "softmax_numpy",
 ]
 
 __version__ = "0.1.0"
+
+#: Submodules that need the book's extras (matplotlib, ipywidgets, IPython); imported on first use,
+#: so ``import feedback_lib`` needs only torch and numpy while ``fl.plots`` still works.
+_BOOK_MODULES = ("display", "plots", "widgets")
+
+
+def __getattr__(name: str):
+    if name in _BOOK_MODULES:
+        import importlib
+
+        return importlib.import_module(f"feedback_lib.{name}")
+    raise AttributeError(f"module 'feedback_lib' has no attribute {name!r}")

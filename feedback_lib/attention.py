@@ -36,7 +36,8 @@ class HeadProjection(nn.Module):
 class FeedbackAttention(nn.Module):
     r"""Attention of one step's query over the memory, scored with relative positions.
 
-    For the memory entry ``j`` steps back, the score of head ``h`` is (chapter 2)
+    For memory entry ``j`` (``j = 0`` is the oldest; entry ``j`` lies ``seq_len - j`` steps back),
+    the score of each head is (chapter 2)
 
     .. math:: A_j = Q^\top K_j + Q^\top U^K_j + {U^Q}^\top K_j + S_j,
 
@@ -155,3 +156,30 @@ class FeedbackAttention(nn.Module):
         x = torch.einsum("jbh,jbhd->bhd", attn, value)  # [batch, heads, d_k]
         x = self.output(x.reshape(x.shape[0], -1))     # [batch, d_model]
         return (x, attn) if need_weights else x
+
+
+@torch.no_grad()
+def attention_maps(attn: FeedbackAttention, x_seq: torch.Tensor) -> torch.Tensor:
+    """Attention weights of every step of ``x_seq`` over the steps before it (chapters 3 and 4).
+
+    Step ``t`` of ``x_seq [steps, batch, d_model]`` is the query and steps ``0..t-1`` are the memory,
+    as in a feedback transformer whose memory vectors are ``x_seq`` itself. Returns
+    ``[batch, heads, steps, steps]``: entry ``[b, h, t, j]`` is the weight of memory entry ``j`` for
+    query ``t`` (NaN where ``j >= t``; row 0 has no memory and is all NaN). Dropout applies when the
+    module is in training mode.
+    """
+    if not isinstance(attn, FeedbackAttention) or attn.is_kv_precomputed:
+        raise TypeError("attn must be a FeedbackAttention with its own key/value projections "
+                        "(is_kv_precomputed=False)")
+    check_tensor("x_seq", x_seq, ["steps", "batch", "d_model"], [None, None, attn.d_model])
+    check_like("x_seq", x_seq, attn.output.weight)
+    steps, batch = x_seq.shape[:2]
+    if steps < 2:
+        raise ValueError(f"x_seq needs at least 2 steps (step 0 has no memory), got {steps}")
+    if steps - 1 > attn.P:
+        raise ValueError(f"x_seq has {steps} steps; the memory may hold at most {attn.P} of them")
+    maps = torch.full((batch, attn.heads, steps, steps), float("nan"), dtype=x_seq.dtype, device=x_seq.device)
+    for t in range(1, steps):
+        _, weights = attn.attend(x_seq[t], x_seq[:t], x_seq[:t], need_weights=True)  # [t, batch, heads]
+        maps[:, :, t, :t] = weights.permute(1, 2, 0)
+    return maps

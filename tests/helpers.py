@@ -9,15 +9,6 @@ import feedback_lib as fl
 D_MODEL, HEADS, D_FF, N_LAYERS = 16, 4, 32, 2
 
 
-def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
-    """Give every parameter random values, so that the zero-initialised position terms matter too."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
-    return module
-
-
 def make_layer(shared_kv: bool, dropout: float = 0.0) -> fl.FeedbackTransformerLayer:
     return fl.FeedbackTransformerLayer(
         d_model=D_MODEL, attn=fl.FeedbackAttention(HEADS, D_MODEL, dropout, is_kv_precomputed=shared_kv),
@@ -32,14 +23,14 @@ def make_transformer(shared_kv: bool, *, mem_len: int | None = None, naive_stack
         model = fl.FeedbackTransformerKV(layer, N_LAYERS, D_MODEL, HEADS, mem_len=mem_len, naive_stack=naive_stack)
     else:
         model = fl.FeedbackTransformer(layer, N_LAYERS, mem_len=mem_len, naive_stack=naive_stack)
-    return randomize_(model.to(dtype), seed=seed).eval()
+    return fl.randomize_parameters_(model.to(dtype), seed=seed).eval()
 
 
 def make_lm(shared_kv: bool = True, *, n_vocab: int = 11, mem_len: int | None = None, seed: int = 0) -> fl.FeedbackLM:
     torch.manual_seed(seed)
     lm = fl.FeedbackLM(n_vocab, d_model=D_MODEL, heads=HEADS, n_layers=N_LAYERS, d_ff=D_FF,
                        shared_kv=shared_kv, mem_len=mem_len)
-    return randomize_(lm, seed=seed).eval()
+    return fl.randomize_parameters_(lm, seed=seed).eval()
 
 
 def assert_same_outputs_and_gradients(model: torch.nn.Module, other: torch.nn.Module, x: torch.Tensor,

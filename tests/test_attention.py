@@ -5,12 +5,11 @@ import pytest
 import torch
 
 import feedback_lib as fl
-from helpers import randomize_
 
 
 @pytest.mark.parametrize("precomputed", [False, True])
 def test_numpy_reference_matches_torch(precomputed):
-    attn = randomize_(fl.FeedbackAttention(4, 24, 0.0, is_kv_precomputed=precomputed)).double()
+    attn = fl.randomize_parameters_(fl.FeedbackAttention(4, 24, 0.0, is_kv_precomputed=precomputed)).double()
     gen = torch.Generator().manual_seed(1)
     kv_shape = (9, 3, 4, 6) if precomputed else (9, 3, 24)
     query = torch.randn(3, 24, generator=gen, dtype=torch.float64)
@@ -19,11 +18,11 @@ def test_numpy_reference_matches_torch(precomputed):
     expected = attn(query, key, value).detach().numpy()
     got = fl.feedback_attention_numpy(fl.attention_weights_numpy(attn), query.numpy(), key.numpy(), value.numpy())
     assert got.shape == (3, 24)
-    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got, expected, atol=1e-10, rtol=0)
 
 
 def test_numpy_reference_matches_float32_module():
-    attn = randomize_(fl.FeedbackAttention(2, 8, 0.0))
+    attn = fl.randomize_parameters_(fl.FeedbackAttention(2, 8, 0.0))
     q, k, v = torch.randn(2, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8)
     got = fl.feedback_attention_numpy(fl.attention_weights_numpy(attn), q.numpy(), k.numpy(), v.numpy())
     np.testing.assert_allclose(got, attn(q, k, v).detach().numpy(), atol=1e-5)
@@ -41,7 +40,7 @@ def test_score_terms_sum_to_the_direct_product():
 
 
 def test_keywords_and_positional_agree_and_weights_sum_to_one():
-    attn = randomize_(fl.FeedbackAttention(4, 16, 0.0)).eval()
+    attn = fl.randomize_parameters_(fl.FeedbackAttention(4, 16, 0.0)).eval()
     q, k, v = torch.randn(3, 16), torch.randn(6, 3, 16), torch.randn(6, 3, 16)
     out, weights = attn(query=q, key=k, value=v, need_weights=True)
     assert out.shape == (3, 16) and weights.shape == (6, 3, 4)
@@ -60,7 +59,7 @@ def test_relative_positions_use_the_last_rows():
 
 
 def test_dropout_only_in_training():
-    attn = randomize_(fl.FeedbackAttention(4, 16, 0.5))
+    attn = fl.randomize_parameters_(fl.FeedbackAttention(4, 16, 0.5))
     q, k = torch.randn(3, 16), torch.randn(6, 3, 16)
     attn.eval()
     assert torch.equal(attn(q, k, k), attn(q, k, k))
@@ -71,7 +70,7 @@ def test_dropout_only_in_training():
 
 
 def test_precomputed_path_equals_projecting_first():
-    full = randomize_(fl.FeedbackAttention(4, 16, 0.0))
+    full = fl.randomize_parameters_(fl.FeedbackAttention(4, 16, 0.0))
     pre = fl.FeedbackAttention(4, 16, 0.0, is_kv_precomputed=True)
     pre.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith(("key.", "value."))})
     q, m = torch.randn(2, 16), torch.randn(5, 2, 16)

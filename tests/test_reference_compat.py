@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import feedback_lib as fl
-from helpers import assert_same_outputs_and_gradients, randomize_
+from helpers import assert_same_outputs_and_gradients
 
 ref = pytest.importorskip("labml_nn.transformers.feedback")
 RefFeedForward = pytest.importorskip("labml_nn.transformers.feed_forward").FeedForward
@@ -27,7 +27,7 @@ def test_attention_same_seed_same_weights_same_outputs():
     torch.manual_seed(3)
     theirs = ref.FeedbackAttention(4, 32, 0.0)
     assert_same_state(ours, theirs)
-    randomize_(ours)
+    fl.randomize_parameters_(ours)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     q, k, v = torch.randn(3, 32), torch.randn(6, 3, 32), torch.randn(6, 3, 32)
@@ -48,7 +48,7 @@ def build(module, ff_cls, shared_kv: bool, seed: int = 0):
 def test_transformers_match_outputs_and_gradients(shared_kv):
     ours, theirs = build(fl, fl.FeedForward, shared_kv), build(ref, RefFeedForward, shared_kv)
     assert_same_state(ours, theirs)
-    randomize_(ours, std=0.2)
+    fl.randomize_parameters_(ours, std=0.2)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     assert_same_outputs_and_gradients(ours, theirs, torch.randn(10, 2, 32), atol=1e-5, rtol=1e-4)
 
@@ -63,7 +63,7 @@ def test_language_model_loads_an_autoregressive_model_state():
     torch.manual_seed(5)
     ours = fl.FeedbackLM(13, d_model=32, heads=4, n_layers=3, d_ff=64, dropout=0.0)
     assert_same_state(ours, theirs)
-    randomize_(theirs)
+    fl.randomize_parameters_(theirs)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     tokens = torch.randint(0, 13, (2, 9))
     expected = theirs.generator(theirs.transformer(theirs.src_embed(tokens.t()))).transpose(0, 1)

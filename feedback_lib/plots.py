@@ -1,0 +1,233 @@
+"""Figures of the book, drawn with matplotlib (chapters 1 to 5).
+
+Every function draws with pyplot and returns the figure, so a notebook shows it once, inline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from feedback_lib.checks import check_positive_int
+from feedback_lib.information_flow import KINDS, ancestors, flow_edges
+
+#: Colours of the four score terms and their sum (chapter 2).
+TERM_COLORS = {"A": "tab:blue", "B": "tab:orange", "C": "tab:green", "D": "tab:red", "sum": "black"}
+TERM_LABELS = {
+    "A": r"A: $Q^\top K_j$",
+    "B": r"B: $Q^\top U^K_j$",
+    "C": r"C: ${U^Q}^\top K_j$",
+    "D": r"D: $S_j$",
+    "sum": "A + B + C + D",
+}
+#: Line styles of the batch elements overlaid by :func:`plot_score_terms` (at most four).
+_BATCH_STYLES = [
+    dict(lw=3.2, ls="-", alpha=0.45),
+    dict(lw=1.6, ls="--", marker="o", ms=3),
+    dict(lw=1.2, ls=":", marker="x", ms=4),
+    dict(lw=1.0, ls="-.", marker="^", ms=3),
+]
+
+
+def draw_information_flow(kind: str, n_layers: int, n_steps: int, target: tuple[int, int] | None = None,
+                          ax: plt.Axes | None = None) -> Figure:
+    """Draw the computation graph of ``kind`` ("transformer" or "feedback"), chapter 1.
+
+    Nodes are steps (x) by rows (y: the embedding, the layers and, for the feedback graph, the
+    memory). The ``target`` node (default: layer 1 at the last step) is outlined, the edges into it
+    are drawn, and every node that can influence it is filled.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    check_positive_int("n_layers", n_layers)
+    check_positive_int("n_steps", n_steps)
+    target = (1, n_steps - 1) if target is None else tuple(target)
+    if not (1 <= target[0] <= n_layers and 0 <= target[1] < n_steps):
+        raise ValueError(f"target must be a layer node (row in 1..{n_layers}, step in 0..{n_steps - 1}), got {target}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.1 * n_steps + 1.5, 0.8 * (n_layers + 2) + 0.6))
+    edges = flow_edges(kind, n_layers, n_steps)
+    seen = ancestors(kind, n_layers, n_steps, target)
+    rows = n_layers + (2 if kind == "feedback" else 1)
+    memory_row = n_layers + 1
+    for source, dest in edges:
+        if dest == target:
+            ax.annotate("", xy=(dest[1], dest[0]), xytext=(source[1], source[0]),
+                        arrowprops=dict(arrowstyle="->", color="tab:red", lw=1.4, shrinkA=9, shrinkB=9,
+                                        connectionstyle="arc3,rad=0.15" if source[1] != dest[1] else "arc3"))
+        else:
+            ax.plot([source[1], dest[1]], [source[0], dest[0]], color="0.85", lw=0.6, zorder=0)
+    for row in range(rows):
+        for step in range(n_steps):
+            node = (row, step)
+            filled = node in seen
+            marker = "s" if row == memory_row and kind == "feedback" else "o"
+            ax.scatter(step, row, s=260, marker=marker, zorder=2,
+                       color="tab:blue" if filled else "white",
+                       edgecolors="tab:red" if node == target else "0.3",
+                       linewidths=2.5 if node == target else 1.0)
+    labels = ["embedding"] + [f"layer {layer}" for layer in range(1, n_layers + 1)]
+    if kind == "feedback":
+        labels.append("memory $m_t$")
+    ax.set_yticks(range(rows), labels)
+    ax.set_xticks(range(n_steps), [f"t={step}" for step in range(n_steps)])
+    ax.set_xlim(-0.6, n_steps - 0.4)
+    ax.set_ylim(-0.6, rows - 0.4)
+    for side in ("top", "right", "left", "bottom"):
+        ax.spines[side].set_visible(False)
+    name = "Transformer" if kind == "transformer" else "Feedback Transformer"
+    ax.set_title(f"{name}: what can reach layer {target[0]} at t={target[1]} (filled)")
+    return ax.figure
+
+
+def plot_score_terms(terms: dict[str, np.ndarray], *, batch: int | Sequence[int] = 0, head: int = 0,
+                     labels: Sequence[str] | None = None) -> Figure:
+    """Plot the score terms A, B, C, D and their sum across the memory for one head (chapters 2 and 3).
+
+    ``terms`` is what :func:`~feedback_lib.score_terms_numpy` returns (each ``[seq_len, batch, heads]``).
+    The x axis is how many steps back the memory entry is (1 = the step just before the query), with
+    the oldest entry on the left. ``batch`` is one batch index or a sequence of them: each is drawn
+    as its own line style in every panel, so one sees which terms coincide for which batch
+    elements (for instance two elements that share a memory have the same C). ``labels`` name the
+    batch elements in the legend (default ``"batch b"``). Each panel has its own y scale.
+    """
+    missing = {"A", "B", "C", "D"} - set(terms)
+    if missing:
+        raise ValueError(f"terms must have the keys A, B, C and D (from score_terms_numpy), missing {sorted(missing)}")
+    shapes = {name: np.shape(terms[name]) for name in "ABCD"}
+    if len(set(shapes.values())) > 1 or len(shapes["A"]) != 3:
+        raise ValueError(f"every term must be [seq_len, batch, heads] with the same shape, got {shapes}")
+    seq_len, n_batch, heads = shapes["A"]
+    batches = [batch] if isinstance(batch, (int, np.integer)) and not isinstance(batch, bool) else list(batch)
+    if not batches or len(batches) > len(_BATCH_STYLES):
+        raise ValueError(f"batch must be an index or a sequence of 1 to {len(_BATCH_STYLES)} indices, got {batch!r}")
+    if not (all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and 0 <= b < n_batch for b in batches)
+            and 0 <= head < heads):
+        raise ValueError(f"batch must be in 0..{n_batch - 1} and head in 0..{heads - 1}, got batch={batch}, head={head}")
+    labels = [f"batch {b}" for b in batches] if labels is None else list(labels)
+    if len(labels) != len(batches):
+        raise ValueError(f"labels must name each of the {len(batches)} batch elements, got {len(labels)} labels")
+    back = np.arange(seq_len, 0, -1)                 # entry j is seq_len - j steps back
+    fig, grid = plt.subplots(2, 3, figsize=(12, 5.6), sharex=True)
+    axes = grid.ravel()
+    for ax, name in zip(axes, ["A", "B", "C", "D", "sum"]):
+        for b, label, style in zip(batches, labels, _BATCH_STYLES):
+            series = {n: np.asarray(terms[n], dtype=np.float64)[:, b, head] for n in "ABCD"}
+            values = sum(series.values()) if name == "sum" else series[name]
+            ax.plot(back, values, color=TERM_COLORS[name], label=label, **style)
+        ax.axhline(0, color="0.8", lw=0.8, zorder=0)
+        ax.set_title(TERM_LABELS[name])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(seq_len + 0.5, 0.5)                  # shared x axis: oldest entry left, newest right
+    for ax in grid[1]:
+        ax.set_xlabel("steps back (memory entry)")
+        ax.tick_params(labelbottom=True)
+    for ax in grid[:, 0]:
+        ax.set_ylabel(f"score (head {head})")
+    legend_ax = axes[5]
+    legend_ax.axis("off")
+    if len(batches) > 1:
+        handles = [Line2D([], [], color="0.3", label=label, **style) for label, style in zip(labels, _BATCH_STYLES)]
+        legend_ax.legend(handles=handles, loc="center", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _check_maps(maps: torch.Tensor | np.ndarray, step: int, head: int, batch: int) -> np.ndarray:
+    maps = np.asarray(maps.detach().cpu() if isinstance(maps, torch.Tensor) else maps, dtype=np.float64)
+    if maps.ndim != 4 or maps.shape[2] != maps.shape[3]:
+        raise ValueError(f"maps must be [batch, heads, steps, steps] (from feedback_lib.attention_maps), "
+                         f"got shape {tuple(maps.shape)}")
+    n_batch, heads, steps, _ = maps.shape
+    if not (1 <= step < steps and 0 <= head < heads and 0 <= batch < n_batch):
+        raise ValueError(f"need step in 1..{steps - 1}, head in 0..{heads - 1}, batch in 0..{n_batch - 1}; "
+                         f"got step={step}, head={head}, batch={batch}")
+    return maps
+
+
+def plot_attention_step(maps: torch.Tensor | np.ndarray, step: int, head: int, *, batch: int = 0,
+                        labels: Sequence[str] | None = None) -> Figure:
+    """The attention of one head as a heatmap, with one query step picked out (chapter 4).
+
+    ``maps [batch, heads, steps, steps]`` from :func:`~feedback_lib.attention_maps`: row ``t`` holds
+    the weights of query ``t`` over the memory entries ``0..t-1`` (NaN elsewhere, drawn grey). Left:
+    the whole map of ``head`` with row ``step`` outlined. Right: that row as bars, one per memory
+    entry. ``labels`` (one string per step, e.g. the tokens) are added to the step numbers on the axes.
+    """
+    maps = _check_maps(maps, step, head, batch)
+    steps = maps.shape[2]
+    if labels is not None and (isinstance(labels, str) or len(labels) != steps):
+        raise ValueError(f"labels must be a sequence of {steps} strings (one per step), got {labels!r}")
+    grid = np.ma.masked_invalid(maps[batch, head])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.3]})
+    left.set_facecolor("0.88")                       # no memory entry there (j >= t)
+    image = left.imshow(grid, cmap="viridis", vmin=0, vmax=1)
+    left.add_patch(plt.Rectangle((-0.5, step - 0.5), steps, 1, fill=False, edgecolor="tab:red", lw=2))
+    left.set_xlabel("memory entry j (a past step)")
+    left.set_ylabel("query step t")
+    left.set_title(f"head {head}: attention of every step")
+    fig.colorbar(image, ax=left, fraction=0.046)
+    row = maps[batch, head, step, :step]
+    right.bar(np.arange(step), row, color="tab:blue")
+    right.set_xlim(-0.5, steps - 0.5)
+    right.set_ylim(0, 1)
+    right.set_xlabel("memory entry j")
+    right.set_ylabel("attention weight")
+    right.set_title(f"head {head}, step t={step}: weights over $m_0 \\ldots m_{{{step - 1}}}$ (sum {row.sum():.3f})")
+    if labels is None:
+        for axis in (left.xaxis, left.yaxis, right.xaxis):
+            axis.set_major_locator(MaxNLocator(integer=True))
+    else:
+        ticks = [f"{i} {label}" for i, label in enumerate(labels)]
+        left.set_xticks(range(steps), ticks, rotation=90)
+        left.set_yticks(range(steps), ticks)
+        right.set_xticks(range(steps), ticks, rotation=90)
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_weights(weights: torch.Tensor | np.ndarray, *, labels: tuple[str, str] = ("initial", "trained"),
+                       others: torch.Tensor | np.ndarray | None = None) -> Figure:
+    """Bar chart of ``softmax(weights)``: how much each row contributes to the memory (chapter 5).
+
+    ``weights [n_layers + 1]`` are the logits (``FeedbackTransformer.weights``); ``others``, if given,
+    is a second set of logits of the same size drawn beside the first, and ``labels`` name the two.
+    Each bar is labelled with its share; a dashed line marks the uniform share ``1 / (n_layers + 1)``
+    that the initial logits (all ones) give.
+    """
+    if isinstance(labels, str) or len(labels) != 2 or not all(isinstance(label, str) for label in labels):
+        raise ValueError(f"labels must be two strings (for weights and others), got {labels!r}")
+    sets = [weights] if others is None else [weights, others]
+    probs = []
+    for logits in sets:
+        logits = torch.as_tensor(np.asarray(logits.detach().cpu() if isinstance(logits, torch.Tensor) else logits),
+                                 dtype=torch.float64)
+        if logits.ndim != 1 or logits.numel() < 2:
+            raise ValueError(f"weights must be a 1-d tensor [n_layers + 1], got shape {tuple(logits.shape)}")
+        probs.append(torch.softmax(logits, 0).numpy())
+    if len({p.size for p in probs}) > 1:
+        raise ValueError(f"weights and others must have the same size, got {probs[0].size} and {probs[1].size}")
+    n = probs[0].size
+    names = ["embedding"] + [f"layer {layer}" for layer in range(1, n)]
+    fig, ax = plt.subplots(figsize=(1.3 * n + 2, 3))
+    width = 0.8 / len(probs)
+    handles = []
+    for i, p in enumerate(probs):
+        bars = ax.bar(np.arange(n) + (i - (len(probs) - 1) / 2) * width, p, width,
+                      label=labels[i] if len(probs) > 1 else None)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        handles += [bars] if len(probs) > 1 else []
+    handles.append(ax.axhline(1 / n, color="0.4", ls="--", lw=1, label="uniform"))
+    ax.set_ylim(0, max(p.max() for p in probs) * 1.4)      # room for the bar labels and the legend
+    ax.set_xticks(range(n), names)
+    ax.set_ylabel("share of the memory vector")
+    ax.set_title(r"memory weights $\mathrm{softmax}(w)_l$")
+    ax.legend(handles=handles, loc="upper center", ncol=3, fontsize=8)
+    fig.tight_layout()
+    return fig

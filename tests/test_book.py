@@ -1,0 +1,101 @@
+"""The book's structure: table of contents, Colab install cells, stored outputs, chapter layout.
+
+These tests read the files only; CI executes the notebooks themselves with ``pytest --nbval-lax book``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import colab_cells  # noqa: E402
+
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+CHAPTERS = colab_cells.chapter_notebooks(ROOT)
+SECTIONS = ["## What you will learn", "## Prerequisites", "## Summary", "## Exercises"]
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def markdown(notebook: dict) -> str:
+    return "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "markdown")
+
+
+def test_every_chapter_is_in_the_toc_and_exists():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    listed = [entry["file"] for part in toc["parts"] for entry in part["chapters"]]
+    for name in [toc["root"], *listed]:
+        assert list(ROOT.glob(f"{name}.*")), f"{name} is in _toc.yml but has no file"
+    on_disk = {str(p.relative_to(ROOT).with_suffix("")) for p in (ROOT / "book").glob("*.ipynb")}
+    assert on_disk <= set(listed), f"notebooks missing from _toc.yml: {sorted(on_disk - set(listed))}"
+    assert len(CHAPTERS) >= 5
+
+
+def test_config_pitfalls():
+    assert CONFIG["repository"]["branch"] == "main"
+    assert {"_build", ".pytest_cache", ".venv"} <= set(CONFIG["exclude_patterns"])
+    assert CONFIG["execute"]["execute_notebooks"] == "off"   # the stored outputs are published
+    assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_colab_install_cell_matches_config(path):
+    url, branch = colab_cells.repository(ROOT)
+    assert url == CONFIG["repository"]["url"].rstrip("/")
+    cell = colab_cells.first_code_cell(load(path))
+    assert cell is not None
+    assert "".join(cell["source"]) == colab_cells.install_cell_source(url, branch), (
+        f"{path.name}: the install cell does not match _config.yml; run python scripts/colab_cells.py")
+    assert cell["metadata"].get("tags") == colab_cells.INSTALL_TAGS
+    assert f"git+{url}@{branch}" in "".join(cell["source"])
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_is_stored_executed_without_errors(path):
+    notebook = load(path)
+    code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+    counts = [c["execution_count"] for c in code[1:]]          # the install cell prints nothing
+    assert all(n is not None for n in counts), f"{path.name}: some cells were never executed"
+    assert counts == sorted(counts), f"{path.name}: cells were not executed top to bottom"
+    for cell in code:
+        for output in cell["outputs"]:
+            assert output["output_type"] != "error", f"{path.name}: a stored output is an error"
+            if output.get("name") == "stderr":
+                assert "Traceback" not in "".join(output["text"]), f"{path.name}: a traceback on stderr"
+    assert notebook["metadata"]["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_layout(path):
+    notebook = load(path)
+    text = markdown(notebook)
+    assert re.match(r"# \d+\. ", text), f"{path.name}: must open with '# N. Title'"
+    positions = [text.find(section) for section in SECTIONS]
+    assert -1 not in positions, f"{path.name}: missing one of {SECTIONS}"
+    assert positions == sorted(positions), f"{path.name}: sections out of order"
+    exercises = text[positions[-1]:]
+    assert exercises.count(":class: dropdown") >= 3, f"{path.name}: each exercise needs a solution in a dropdown"
+    tagged = [c for c in notebook["cells"] if "nbval-check-output" in c["metadata"].get("tags", [])]
+    assert tagged, f"{path.name}: no cell's output is compared by nbval"
+    assert not re.search(r"\bTODO\b|\bFIXME\b", json.dumps(notebook)), f"{path.name}: a TODO is left"
+
+
+def test_references_bib_has_the_cited_works():
+    bib = (ROOT / "references.bib").read_text()
+    keys = set(re.findall(r"@\w+\{([^,]+),", bib))
+    assert {"fan2020feedback", "dai2019transformerxl", "vaswani2017attention"} <= keys
+    for path in CHAPTERS + [ROOT / "book" / "index.md"]:
+        text = path.read_text()
+        for key in re.findall(r"\{cite[:a-z]*\}`([^`]+)`", text):
+            for one in key.split(","):
+                assert one.strip() in keys, f"{path.name} cites unknown key {one!r}"

@@ -1,0 +1,127 @@
+"""The book's figures and widgets: they draw without errors and refuse bad input clearly."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import feedback_lib as fl  # noqa: E402
+from feedback_lib import plots  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.mark.parametrize("kind", fl.information_flow.KINDS)
+def test_information_flow_figure(kind):
+    fig = plots.draw_information_flow(kind, 3, 4)
+    assert fig.axes[0].get_title().endswith("(filled)")
+
+
+def test_information_flow_bad_input():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        plots.draw_information_flow("rnn", 2, 3)
+    with pytest.raises(ValueError, match="target must be a layer node"):
+        plots.draw_information_flow("feedback", 2, 3, target=(0, 1))
+
+
+def test_score_terms_figure():
+    rng = np.random.default_rng(0)
+    q, k = rng.normal(size=(2, 3, 4)), rng.normal(size=(5, 2, 3, 4))
+    terms = fl.score_terms_numpy(q, k, rng.normal(size=(3, 4)), rng.normal(size=(5, 3, 4)), rng.normal(size=(5, 3)))
+    fig = plots.plot_score_terms(terms, batch=1, head=2)
+    assert len(fig.axes) == 6   # A, B, C, D, the sum, and the legend slot
+    a_line = fig.axes[0].lines[0]
+    # Oldest entry (5 steps back) on the left, the newest (1 step back) on the right.
+    assert list(a_line.get_xdata()) == [5, 4, 3, 2, 1] and fig.axes[0].get_xlim() == (5.5, 0.5)
+    np.testing.assert_allclose(a_line.get_ydata(), terms["A"][:, 1, 2])
+    total = sum(terms[n][:, 1, 2] for n in "ABCD")
+    np.testing.assert_allclose(fig.axes[4].lines[0].get_ydata(), total)
+    # Several batch elements: one line each per panel, named in the legend.
+    fig = plots.plot_score_terms(terms, batch=[0, 1], labels=["first", "second"])
+    assert [len(ax.lines) for ax in fig.axes[:5]] == [3, 3, 3, 3, 3]   # two series + the zero line
+    assert [t.get_text() for t in fig.axes[5].get_legend().get_texts()] == ["first", "second"]
+    with pytest.raises(ValueError, match="missing"):
+        plots.plot_score_terms({"A": terms["A"]})
+    with pytest.raises(ValueError, match="head in 0..2"):
+        plots.plot_score_terms(terms, head=3)
+    with pytest.raises(ValueError, match="batch must be in 0..1"):
+        plots.plot_score_terms(terms, batch=[0, 2])
+    with pytest.raises(ValueError, match="labels must name each"):
+        plots.plot_score_terms(terms, batch=[0, 1], labels=["one"])
+    with pytest.raises(ValueError, match="same shape"):
+        plots.plot_score_terms({**terms, "D": terms["D"][:, :1]})
+
+
+def test_attention_maps_and_figure():
+    attn = fl.randomize_parameters_(fl.FeedbackAttention(2, 8, 0.0)).eval()
+    x_seq = torch.randn(6, 3, 8)
+    maps = fl.attention_maps(attn, x_seq)
+    assert maps.shape == (3, 2, 6, 6)
+    rows = maps[:, :, 1:].nansum(-1)
+    torch.testing.assert_close(rows, torch.ones_like(rows))
+    assert torch.isnan(maps[:, :, 0]).all() and torch.isnan(maps.triu()).sum() > 0
+    # Row t equals the module's own weights for query t over the first t steps.
+    _, weights = attn(x_seq[4], x_seq[:4], x_seq[:4], need_weights=True)
+    torch.testing.assert_close(maps[:, :, 4, :4], weights.permute(1, 2, 0))
+    fig = plots.plot_attention_step(maps, step=4, head=1, batch=2)
+    assert len(fig.axes) == 3   # heatmap, colorbar, bars
+    with pytest.raises(ValueError, match="step in 1..5"):
+        plots.plot_attention_step(maps, step=0, head=0)
+    with pytest.raises(ValueError, match=r"maps must be \[batch, heads, steps, steps\]"):
+        plots.plot_attention_step(maps[0], step=1, head=0)
+    # Token labels go on the axes next to the step numbers; a wrong count is refused.
+    fig = plots.plot_attention_step(maps, step=2, head=0, labels=list("ABCABC"))
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()][:3] == ["0 A", "1 B", "2 C"]
+    with pytest.raises(ValueError, match="sequence of 6 strings"):
+        plots.plot_attention_step(maps, step=2, head=0, labels=list("ABC"))
+
+
+def test_attention_maps_bad_input():
+    with pytest.raises(TypeError, match="own key/value projections"):
+        fl.attention_maps(fl.FeedbackAttention(2, 8, is_kv_precomputed=True), torch.randn(3, 1, 8))
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        fl.attention_maps(fl.FeedbackAttention(2, 8), torch.randn(1, 1, 8))
+    with pytest.raises(ValueError, match="x_seq"):
+        fl.attention_maps(fl.FeedbackAttention(2, 8), torch.randn(3, 8))
+
+
+def test_attention_explorer():
+    widgets = pytest.importorskip("feedback_lib.widgets")
+    maps = fl.attention_maps(fl.FeedbackAttention(2, 8, 0.0).eval(), torch.randn(5, 1, 8))
+    box = widgets.attention_explorer(maps, step=2, head=1)
+    step_slider, head_slider = box.children[0].children
+    assert (step_slider.min, step_slider.max, head_slider.max) == (1, 4, 1)
+    step_slider.value = 4   # redraws without error
+    box = widgets.attention_explorer(maps, step=1, head=0, labels=list("abcde"))
+    box.children[0].children[1].value = 1
+    with pytest.raises(ValueError, match="sequence of 5 strings"):
+        widgets.attention_explorer(maps, labels="abcde")
+
+
+def test_layer_weights_figure():
+    fig = plots.plot_layer_weights(torch.zeros(3), others=torch.tensor([0.0, 1.0, 2.0]))
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["embedding", "layer 1", "layer 2"]
+    # Each bar is labelled with its softmax share; the legend names both sets and the uniform line.
+    shares = torch.softmax(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), 0)
+    texts = {t.get_text() for t in ax.texts}
+    assert {"0.333"} | {f"{p:.3f}" for p in shares.tolist()} <= texts
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["initial", "trained", "uniform"]
+    single = plots.plot_layer_weights(np.ones(4)).axes[0]
+    assert len(single.patches) == 4 and [t.get_text() for t in single.get_legend().get_texts()] == ["uniform"]
+    with pytest.raises(ValueError, match="labels must be two strings"):
+        plots.plot_layer_weights(torch.zeros(3), labels=("only one",))
+    with pytest.raises(ValueError, match="same size"):
+        plots.plot_layer_weights(torch.zeros(3), others=torch.zeros(4))
+    with pytest.raises(ValueError, match=r"1-d tensor \[n_layers \+ 1\]"):
+        plots.plot_layer_weights(torch.zeros(2, 2))
