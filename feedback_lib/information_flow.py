@@ -44,11 +44,17 @@ def flow_edges(kind: str, n_layers: int, n_steps: int) -> list[tuple[Node, Node]
     return edges
 
 
-def ancestors(kind: str, n_layers: int, n_steps: int, node: Node) -> set[Node]:
-    """Every node whose value can change the value of ``node`` (``node`` excluded)."""
+def _parents(kind: str, n_layers: int, n_steps: int) -> dict[Node, list[Node]]:
+    """For each node, the nodes with an edge into it."""
     parents: dict[Node, list[Node]] = {}
     for source, target in flow_edges(kind, n_layers, n_steps):
         parents.setdefault(target, []).append(source)
+    return parents
+
+
+def ancestors(kind: str, n_layers: int, n_steps: int, node: Node) -> set[Node]:
+    """Every node whose value can change the value of ``node`` (``node`` excluded)."""
+    parents = _parents(kind, n_layers, n_steps)
     seen: set[Node] = set()
     todo = [node]
     while todo:
@@ -66,9 +72,7 @@ def computation_depth(kind: str, n_layers: int, n_steps: int) -> list[int]:
     next token: ``n_layers`` for every step of a Transformer, ``n_layers * (t + 1)`` for a Feedback
     Transformer.
     """
-    parents: dict[Node, list[Node]] = {}
-    for source, target in flow_edges(kind, n_layers, n_steps):
-        parents.setdefault(target, []).append(source)
+    parents = _parents(kind, n_layers, n_steps)
 
     @cache
     def depth(node: Node) -> int:

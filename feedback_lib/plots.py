@@ -139,8 +139,15 @@ def plot_score_terms(terms: dict[str, np.ndarray], *, batch: int | Sequence[int]
     return fig
 
 
-def _check_maps(maps: torch.Tensor | np.ndarray, step: int, head: int, batch: int) -> np.ndarray:
-    maps = np.asarray(maps.detach().cpu() if isinstance(maps, torch.Tensor) else maps, dtype=np.float64)
+def _as_float64(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A tensor or array as a float64 numpy array (detached, on the CPU)."""
+    return np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+
+
+def check_maps(maps: torch.Tensor | np.ndarray, step: int, head: int, batch: int) -> np.ndarray:
+    """``maps`` as float64 numpy after checking it is ``[batch, heads, steps, steps]`` and that
+    ``step``, ``head`` and ``batch`` index into it; raises a clear error otherwise."""
+    maps = _as_float64(maps)
     if maps.ndim != 4 or maps.shape[2] != maps.shape[3]:
         raise ValueError(f"maps must be [batch, heads, steps, steps] (from feedback_lib.attention_maps), "
                          f"got shape {tuple(maps.shape)}")
@@ -160,7 +167,7 @@ def plot_attention_step(maps: torch.Tensor | np.ndarray, step: int, head: int, *
     the whole map of ``head`` with row ``step`` outlined. Right: that row as bars, one per memory
     entry. ``labels`` (one string per step, e.g. the tokens) are added to the step numbers on the axes.
     """
-    maps = _check_maps(maps, step, head, batch)
+    maps = check_maps(maps, step, head, batch)
     steps = maps.shape[2]
     if labels is not None and (isinstance(labels, str) or len(labels) != steps):
         raise ValueError(f"labels must be a sequence of {steps} strings (one per step), got {labels!r}")
@@ -206,8 +213,7 @@ def plot_layer_weights(weights: torch.Tensor | np.ndarray, *, labels: tuple[str,
     sets = [weights] if others is None else [weights, others]
     probs = []
     for logits in sets:
-        logits = torch.as_tensor(np.asarray(logits.detach().cpu() if isinstance(logits, torch.Tensor) else logits),
-                                 dtype=torch.float64)
+        logits = torch.from_numpy(_as_float64(logits))
         if logits.ndim != 1 or logits.numel() < 2:
             raise ValueError(f"weights must be a 1-d tensor [n_layers + 1], got shape {tuple(logits.shape)}")
         probs.append(torch.softmax(logits, 0).numpy())

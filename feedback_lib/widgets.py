@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from IPython.display import clear_output
 
-from feedback_lib.plots import _check_maps, plot_attention_step
+from feedback_lib.plots import check_maps, plot_attention_step
 
 
 def attention_explorer(maps: torch.Tensor | np.ndarray, *, step: int = 1, head: int = 0,
@@ -23,7 +23,7 @@ def attention_explorer(maps: torch.Tensor | np.ndarray, *, step: int = 1, head: 
     ``maps [batch, heads, steps, steps]`` from :func:`~feedback_lib.attention_maps`; ``step``,
     ``head`` and ``batch`` set the first view; ``labels`` (one string per step) label the axes.
     """
-    maps = _check_maps(maps, step, head, batch)
+    maps = check_maps(maps, step, head, batch)
     _, heads, steps, _ = maps.shape
     if labels is not None and (isinstance(labels, str) or len(labels) != steps):
         raise ValueError(f"labels must be a sequence of {steps} strings (one per step), got {labels!r}")
