@@ -35,12 +35,14 @@ from feedback_lib.numpy_reference import (
     score_terms_numpy,
     softmax_numpy,
 )
+from feedback_lib.parallel import ParallelLM
 from feedback_lib.randomize import randomize_parameters_
-from feedback_lib.stack import NaiveStack, Stack, StackFunction
+from feedback_lib.stack import NaiveStack, SharedGradient, Stack, StackFunction
 from feedback_lib.transformer import (
     FeedbackTransformer,
     FeedbackTransformerKV,
     FeedbackTransformerLayer,
+    per_layer_copy,
 )
 
 __all__ = [
@@ -55,6 +57,8 @@ __all__ = [
     "HeadProjection",
     "MAX_POSITIONS",
     "NaiveStack",
+    "ParallelLM",
+    "SharedGradient",
     "Stack",
     "StackFunction",
     "ancestors",
@@ -65,6 +69,7 @@ __all__ = [
     "fast_mode",
     "feedback_attention_numpy",
     "flow_edges",
+    "per_layer_copy",
     "randomize_parameters_",
     "sample_next_token",
     "score_terms_numpy",

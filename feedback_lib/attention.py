@@ -91,18 +91,34 @@ class FeedbackAttention(nn.Module):
         # U^Q: the query's position term, the same for every step (positions are relative).
         self.query_pos_bias = nn.Parameter(torch.zeros((heads, self.d_k)))
 
-    def get_scores(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def position_tables(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U^K_j`` and ``S_j`` for the last ``seq_len`` distances, laid out for one batched matmul:
+        ``([heads, d_k, seq_len], [heads, 1, seq_len])``; column ``j`` is memory entry ``j`` of a
+        memory of ``seq_len`` steps, and the last ``k`` columns are those of a memory of ``k`` steps.
+
+        The feedback transformers cut the tables once per forward pass and pass them to every step.
+        """
+        key_pos_emb = self.key_pos_embeddings[-seq_len:].permute(1, 2, 0)   # U^K_j  [heads, d_k, seq_len]
+        key_pos_bias = self.key_pos_bias[-seq_len:].t()[:, None, :]         # S_j    [heads, 1, seq_len]
+        return key_pos_emb, key_pos_bias
+
+    def get_scores(self, query: torch.Tensor, key: torch.Tensor,
+                   tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Unscaled scores ``A_j`` for projected ``query [batch, heads, d_k]`` and
-        ``key [seq_len, batch, heads, d_k]``; returns ``[seq_len, batch, heads]``."""
+        ``key [seq_len, batch, heads, d_k]``; returns ``[seq_len, batch, heads]``.
+
+        ``tables`` are :meth:`position_tables` of at least ``seq_len`` distances (cut here if None).
+        """
         seq_len = key.shape[0]
-        key_pos_emb = self.key_pos_embeddings[-seq_len:]       # U^K_j   [seq_len, heads, d_k]
-        query_pos_bias = self.query_pos_bias[None]             # U^Q     [1, heads, d_k]
-        key_pos_bias = self.key_pos_bias[-seq_len:]            # S_j     [seq_len, heads]
-        # A + C = (Q + U^Q) . K_j                               [seq_len, batch, heads]
-        ac = torch.einsum("bhd,jbhd->jbh", query + query_pos_bias, key)
-        # B + D = Q . U^K_j + S_j                               [seq_len, batch, heads]
-        bd = torch.einsum("bhd,jhd->jbh", query, key_pos_emb) + key_pos_bias[:, None, :]
-        return ac + bd
+        if tables is None:
+            tables = self.position_tables(seq_len)
+        key_pos_emb = tables[0][..., -seq_len:]                # U^K_j   [heads, d_k, seq_len]
+        key_pos_bias = tables[1][..., -seq_len:]               # S_j     [heads, 1, seq_len]
+        # A + C = (Q + U^Q) . K_j: a product and a sum over d_k  [seq_len, batch, heads]
+        ac = ((query + self.query_pos_bias) * key).sum(-1)
+        # B + D = Q . U^K_j + S_j: one matmul per head, S_j added as its bias  [heads, batch, seq_len]
+        bd = torch.baddbmm(key_pos_bias, query.transpose(0, 1), key_pos_emb)
+        return ac + bd.permute(2, 1, 0)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                 need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -139,8 +155,9 @@ class FeedbackAttention(nn.Module):
             check_like(name, tensor, weight)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-               need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`forward` without the input checks.
+               need_weights: bool = False, tables: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` without the input checks; ``tables`` as in :meth:`get_scores`.
 
         The feedback transformers call this directly at every step, so neither the checks nor
         module hooks on the attention run there (see :class:`~feedback_lib.FeedbackTransformer`).
@@ -149,11 +166,11 @@ class FeedbackAttention(nn.Module):
         if self.key is not None:
             key = self.key(key)                        # [seq_len, batch, heads, d_k]
             value = self.value(value)                  # [seq_len, batch, heads, d_k]
-        scores = self.get_scores(query, key)           # [seq_len, batch, heads]
+        scores = self.get_scores(query, key, tables)   # [seq_len, batch, heads]
         scores *= self.scale
         attn = torch.softmax(scores, dim=0)            # softmax over the memory (time) axis
         attn = self.dropout(attn)
-        x = torch.einsum("jbh,jbhd->bhd", attn, value)  # [batch, heads, d_k]
+        x = (attn[..., None] * value).sum(0)           # weighted sum over the memory  [batch, heads, d_k]
         x = self.output(x.reshape(x.shape[0], -1))     # [batch, d_model]
         return (x, attn) if need_weights else x
 

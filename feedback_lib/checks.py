@@ -82,3 +82,16 @@ def check_like(name: str, tensor: torch.Tensor, reference: torch.Tensor) -> None
         return
     raise TypeError(f"{name} has dtype {tensor.dtype} but the module's parameters are {reference.dtype}; "
                     f"convert one of them (or run under torch.autocast, which also accepts its own dtype)")
+
+
+def check_token_ids(name: str, tokens: object, n_vocab: int, device: torch.device) -> None:
+    """Raise a clear error unless ``tokens`` are integer ids ``[batch, seq]`` in ``[0, n_vocab)`` on ``device``."""
+    check_tensor(name, tokens, ["batch", "seq"], [None, None])
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids (e.g. torch.long), got dtype {tokens.dtype}")
+    if tokens.device != device:
+        raise ValueError(f"{name} is on device {tokens.device} but the model is on {device}")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= n_vocab:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} holds id {bad}, outside the vocabulary [0, {n_vocab})")

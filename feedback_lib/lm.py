@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from feedback_lib.attention import MAX_POSITIONS, FeedbackAttention
-from feedback_lib.checks import check_bool, check_positive_int, check_probability, check_tensor
+from feedback_lib.checks import check_bool, check_positive_int, check_probability, check_token_ids
 from feedback_lib.feed_forward import FeedForward
 from feedback_lib.generation import check_sampling, sample_next_token
 from feedback_lib.memory import FeedbackMemory
@@ -65,7 +65,7 @@ class FeedbackLM(nn.Module):
 
     def logits(self, tokens: torch.Tensor, memory: FeedbackMemory | None,
                return_memory: bool) -> torch.Tensor | tuple[torch.Tensor, FeedbackMemory]:
-        """:meth:`forward` without the token checks (generation's per-token path: its tokens are valid)."""
+        """:meth:`forward` without the token checks."""
         x = self.src_embed(tokens.t())                     # batch-major ids -> time-major [seq, batch, d_model]
         result = self.transformer(x, memory, return_memory=return_memory)
         out, memory = result if return_memory else (result, None)
@@ -74,16 +74,7 @@ class FeedbackLM(nn.Module):
 
     def check_tokens(self, name: str, tokens: torch.Tensor) -> None:
         """Raise a clear error unless ``tokens`` are integer ids ``[batch, seq]`` in ``[0, n_vocab)``."""
-        check_tensor(name, tokens, ["batch", "seq"], [None, None])
-        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer token ids (e.g. torch.long), got dtype {tokens.dtype}")
-        device = self.generator.weight.device
-        if tokens.device != device:
-            raise ValueError(f"{name} is on device {tokens.device} but the model is on {device}")
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= self.n_vocab:
-            bad = low if low < 0 else high
-            raise ValueError(f"{name} holds id {bad}, outside the vocabulary [0, {self.n_vocab})")
+        check_token_ids(name, tokens, self.n_vocab, self.generator.weight.device)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -106,13 +97,14 @@ class FeedbackLM(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            logits, memory = self.logits(prompt, None, return_memory=True)
+            decoder = self.transformer.decoder(prompt.shape[0], prompt.shape[1] + max_new_tokens)
+            out = decoder.step(self.src_embed(prompt.t()))                     # [seq, batch, d_model]
             tokens = [prompt]
             for i in range(max_new_tokens):
-                next_token = sample_next_token(logits[:, -1], temperature, top_k, generator)  # [batch, 1]
+                next_token = sample_next_token(self.generator(out[-1]), temperature, top_k, generator)  # [batch, 1]
                 tokens.append(next_token)
                 if i + 1 < max_new_tokens:
-                    logits, memory = self.logits(next_token, memory, return_memory=True)
+                    out = decoder.step(self.src_embed(next_token.t()))
         finally:
             self.train(was_training)
         return torch.cat(tokens, dim=1)

@@ -1,4 +1,4 @@
-"""Figures of the book, drawn with matplotlib (chapters 1 to 5).
+"""Figures of the book, drawn with matplotlib (chapters 1 to 7).
 
 Every function draws with pyplot and returns the figure, so a notebook shows it once, inline.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from feedback_lib.checks import check_positive_int
 from feedback_lib.information_flow import KINDS, ancestors, flow_edges
@@ -235,5 +235,60 @@ def plot_layer_weights(weights: torch.Tensor | np.ndarray, *, labels: tuple[str,
     ax.set_ylabel("share of the memory vector")
     ax.set_title(r"memory weights $\mathrm{softmax}(w)_l$")
     ax.legend(handles=handles, loc="upper center", ncol=3, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_scaling(seq_lens: Sequence[int], seconds: dict[str, Sequence[float]],
+                 peak_bytes: dict[str, Sequence[int]]) -> Figure:
+    """Time and peak memory of a training pass against the sequence length (chapter 6).
+
+    ``seconds`` and ``peak_bytes`` map a variant's name to one value per entry of ``seq_lens``, as
+    :func:`feedback_lib.bench.time_scaling` and :func:`~feedback_lib.bench.memory_scaling` return
+    them. Both axes are logarithmic, so costs that grow like ``T`` and like ``T^2`` have slopes 1 and 2.
+    """
+    for name, measured in (("seconds", seconds), ("peak_bytes", peak_bytes)):
+        if not measured or any(len(v) != len(seq_lens) for v in measured.values()):
+            raise ValueError(f"{name} must map each variant to {len(seq_lens)} values, one per sequence length")
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, values in seconds.items():
+        ax_time.plot(seq_lens, values, marker="o", label=name)
+    for name, values in peak_bytes.items():
+        ax_mem.plot(seq_lens, [p / 2 ** 20 for p in values], marker="o", label=name)
+    for ax, ylabel in ((ax_time, "seconds (forward + backward)"), (ax_mem, "peak memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(list(seq_lens), [str(n) for n in seq_lens])
+        ax.grid(alpha=0.3, which="both")
+    ax_mem.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_throughput(results: Sequence, *, reference: str | None = None) -> Figure:
+    """Horizontal bars of training and generation tokens/s per implementation (chapter 7).
+
+    ``results`` are :class:`feedback_lib.bench.Result` objects; ``reference`` (a result's name)
+    is drawn in a darker colour. Generation bars are left out where it was not measured.
+    """
+    if not results:
+        raise ValueError("results is empty: pass the list that feedback_lib.bench.run returns")
+    names = [r.name for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(results) + 1.5), sharey=True)
+    for ax, field, title in ((axes[0], "train_tokens_per_s", "training tokens/s"),
+                             (axes[1], "generate_tokens_per_s", "generation tokens/s (batch 1)")):
+        values = [getattr(r, field) or 0.0 for r in results]
+        colors = ["tab:blue" if n == reference else "tab:gray" for n in names]
+        ax.barh(names, values, color=colors)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())            # label the powers of ten only
+        ax.set_title(title)
+        for y, v in enumerate(values):
+            if v:
+                ax.text(v, y, f" {v:.0f}" if v >= 10 else f" {v:.1f}", va="center", fontsize=8)
+        ax.grid(alpha=0.3, axis="x", which="both")
+    axes[0].invert_yaxis()
     fig.tight_layout()
     return fig

@@ -29,13 +29,41 @@ def check_block(block: object, row_shape: torch.Size | None) -> None:
                          f"shape {list(row_shape)}")
 
 
+class SharedGradient:
+    """The gradient buffer ``[capacity, *row_shape]`` that every read of one :class:`Stack` adds into.
+
+    Reads keep this object rather than the Stack itself: the Stack holds the output of its last
+    read, so a read's graph node holding the Stack would close a reference cycle (output -> node ->
+    Stack -> output) that runs through autograd's C++ objects, where Python's garbage collector
+    cannot see it, and every training step's graph would leak.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.buffer: torch.Tensor | None = None
+        self._backward_pass: int | None = None     # the backward pass the buffer belongs to
+
+    def get(self, like: torch.Tensor) -> torch.Tensor:
+        """The buffer of the running backward pass, shaped ``[capacity, *like.shape[1:]]``.
+
+        It is allocated (zeroed) by the first read that runs backward in each pass, so that a pass
+        which skipped some reads (``torch.autograd.grad`` with only some inputs) leaves nothing
+        behind for the next one.
+        """
+        backward_pass = torch._C._current_graph_task_id()
+        if self.buffer is None or backward_pass != self._backward_pass:
+            self.buffer = like.new_zeros((self.capacity, *like.shape[1:]))
+            self._backward_pass = backward_pass
+        return self.buffer
+
+
 class StackFunction(torch.autograd.Function):
     """Return rows ``[start, end)`` of a :class:`Stack` buffer as a view, without copying.
 
-    Inputs of ``apply(memory, stack, last, previous, start, end)``:
+    Inputs of ``apply(memory, gradient, last, previous, start, end)``:
 
     * ``memory``: the stack's buffer ``[capacity, *row_shape]`` (no gradient of its own);
-    * ``stack``: the :class:`Stack`, which owns the shared gradient buffer;
+    * ``gradient``: the stack's :class:`SharedGradient`, the buffer that all its reads add into;
     * ``last``: the block ``[k, *row_shape]`` appended since the previous read, whose copy sits in
       rows ``[end - k, end)`` (``None`` if nothing was appended); its gradient is what flows back;
     * ``previous``: the output of the previous read (or ``None``). It is not used in the forward
@@ -48,20 +76,20 @@ class StackFunction(torch.autograd.Function):
     Reads run backward newest first, so when a read's backward runs, every later read has already
     added its gradient for the rows of ``last``: the read returns (a copy of) those rows as
     ``last``'s gradient. Each backward pass gets a fresh gradient buffer (see
-    :meth:`Stack.grad_buffer`), so a second pass over the same graph starts from zero.
+    :meth:`SharedGradient.get`), so a second pass over the same graph starts from zero.
     """
 
     @staticmethod
-    def forward(ctx, memory: torch.Tensor, stack: "Stack", last: torch.Tensor | None,
+    def forward(ctx, memory: torch.Tensor, gradient: SharedGradient, last: torch.Tensor | None,
                 previous: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
-        ctx.stack = stack
+        ctx.gradient = gradient
         ctx.start, ctx.end = start, end
         ctx.n_last = 0 if last is None else last.shape[0]
         return memory[start:end]
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad = ctx.stack.grad_buffer(grad_output)
+        grad = ctx.gradient.get(grad_output)
         grad[ctx.start:ctx.end] += grad_output
         grad_last = grad[ctx.end - ctx.n_last:ctx.end].clone() if ctx.n_last else None
         return None, None, grad_last, None, None, None
@@ -78,8 +106,7 @@ class Stack:
     def __init__(self, capacity: int):
         self.capacity = check_positive_int("capacity", capacity)
         self.memory: torch.Tensor | None = None   # [capacity, *row_shape]
-        self.memory_grad: torch.Tensor | None = None
-        self._grad_pass: int | None = None        # the backward pass memory_grad belongs to
+        self.gradient = SharedGradient(capacity)
         self.length = 0
         self._last: torch.Tensor | None = None
         self._previous: torch.Tensor | None = None
@@ -109,23 +136,10 @@ class Stack:
         """Rows ``[start, len(self))`` as a view ``[len(self) - start, *row_shape]``."""
         if not 0 <= start < self.length:
             raise IndexError(f"start must be in [0, {self.length}) for a stack of {self.length} rows, got {start}")
-        out = StackFunction.apply(self.memory, self, self._last, self._previous, start, self.length)
+        out = StackFunction.apply(self.memory, self.gradient, self._last, self._previous, start, self.length)
         self._last = None
         self._previous = out
         return out
-
-    def grad_buffer(self, like: torch.Tensor) -> torch.Tensor:
-        """The shared gradient buffer ``[capacity, *row_shape]`` of the running backward pass.
-
-        It is allocated (zeroed) by the first read that runs backward in each pass, so that a pass
-        which skipped some reads (``torch.autograd.grad`` with only some inputs) leaves nothing
-        behind for the next one.
-        """
-        backward_pass = torch._C._current_graph_task_id()
-        if self.memory_grad is None or backward_pass != self._grad_pass:
-            self.memory_grad = like.new_zeros((self.capacity, *like.shape[1:]))
-            self._grad_pass = backward_pass
-        return self.memory_grad
 
 
 class NaiveStack:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from feedback_lib.attention import MAX_POSITIONS, FeedbackAttention, HeadProjection
+from feedback_lib.fused_kv import FusedDecoder, FusedKVLoop, LoopSpec, fused_loop_blocker, layer_tensors
 from feedback_lib.checks import check_bool, check_like, check_positive_int, check_probability, check_tensor
 from feedback_lib.memory import FeedbackMemory
 from feedback_lib.stack import NaiveStack, Stack
@@ -52,11 +53,14 @@ class FeedbackTransformerLayer(nn.Module):
             self.attn.check_inputs(x, key, value, query_name="x")
         return self.step(x, key, value)
 
-    def step(self, x: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor:
-        """:meth:`forward` without the input checks (the per-step path of the transformers)."""
+    def step(self, x: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
+             tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """:meth:`forward` without the input checks (the per-step path of the transformers);
+        ``tables``: the attention's position tables, cut once per sequence (see
+        :meth:`~feedback_lib.FeedbackAttention.position_tables`)."""
         if key is not None:
             z = self.norm_self_attn(x)
-            x = x + self.dropout(self.attn.attend(z, key, value))
+            x = x + self.dropout(self.attn.attend(z, key, value, tables=tables))
         z = self.norm_ff(x)
         return x + self.dropout(self.feed_forward(z))
 
@@ -129,6 +133,33 @@ class _FeedbackLoop(nn.Module):
         prefix = () if memory is None else memory.tensors
         if prefix and self.mem_len is not None:
             prefix = tuple(t[-self.mem_len:] for t in prefix)
+        if self.fused_loop_blocker() is None:
+            out, rows = self._fused_loop(x_seq, prefix)
+        else:
+            out, rows = self._reference_loop(x_seq, prefix)
+        out = self.norm(out)                                                # [seq_len, batch, d_model]
+        if not return_memory:
+            return out
+        start = self._window_start(rows[0].shape[0])
+        kept = [t[start:] for t in rows]
+        if start:   # copy the window, so the memory does not keep the whole buffer alive
+            kept = [t.clone() for t in kept]
+        return out, FeedbackMemory(tuple(kept), self.signature)
+
+    def fused_loop_blocker(self) -> str | None:
+        """Why this model runs the reference loop rather than a fused one (None: it runs fused)."""
+        return "only FeedbackTransformerKV has a fused loop"
+
+    def _longest_memory(self, n_prefix: int, seq_len: int) -> int:
+        """The most memory steps any step of this call attends to."""
+        longest = n_prefix + seq_len - 1
+        return longest if self.mem_len is None else min(longest, self.mem_len)
+
+    def _reference_loop(self, x_seq: torch.Tensor, prefix: tuple[torch.Tensor, ...]
+                        ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The token loop with autograd recording every step (chapter 5); returns the last layer's
+        outputs ``[seq_len, batch, d_model]`` (before the final norm) and every memory row."""
+        seq_len = x_seq.shape[0]
         n_prefix = prefix[0].shape[0] if prefix else 0
         store_cls = NaiveStack if self.naive_stack else Stack
         stores = [store_cls(n_prefix + seq_len) for _ in self.store_names]
@@ -136,26 +167,27 @@ class _FeedbackLoop(nn.Module):
             store.append(block)
 
         weights = torch.softmax(self.weights, dim=0)                       # [n_layers + 1]
+        longest = self._longest_memory(n_prefix, seq_len)
+        tables = [layer.attn.position_tables(longest) if longest else None for layer in self.layers]
         outputs = []
         for x in x_seq.unbind(0):                                           # x: [batch, d_model]
             key, value = self._read(stores) if len(stores[0]) else (None, None)
             layer_outputs = [x]
-            for layer in self.layers:
-                x = layer.step(x, key, value)
+            for layer, layer_tables in zip(self.layers, tables):
+                x = layer.step(x, key, value, layer_tables)
                 layer_outputs.append(x)
             # The memory vector: softmax-weighted sum of the input and every layer's output.
             mem = torch.einsum("lbd,l->bd", torch.stack(layer_outputs), weights)  # [batch, d_model]
             for store, row in zip(stores, self.memory_rows(mem)):
                 store.append(row[None])
             outputs.append(x)
-        out = self.norm(torch.stack(outputs))                               # [seq_len, batch, d_model]
-        if not return_memory:
-            return out
-        start = self._window_start(len(stores[0]))
-        kept = [store.get(start) for store in stores]
-        if start:   # copy the window, so the memory does not keep the whole buffer alive
-            kept = [t.clone() for t in kept]
-        return out, FeedbackMemory(tuple(kept), self.signature)
+        return torch.stack(outputs), tuple(store.get(0) for store in stores)
+
+    def decoder(self, batch: int, capacity: int) -> "MemoryDecoder":
+        """An object whose ``step(x_seq)`` continues one sequence call after call (for generation):
+        the outputs equal those of one ``forward`` on everything read so far. ``capacity`` is the
+        most steps it will read."""
+        return MemoryDecoder(self)
 
     def _window_start(self, length: int) -> int:
         return 0 if self.mem_len is None else max(0, length - self.mem_len)
@@ -196,6 +228,20 @@ class _FeedbackLoop(nn.Module):
             raise ValueError(f"the last step would attend to a memory of {longest} steps, more than the "
                              f"{MAX_POSITIONS} relative positions; set mem_len <= {MAX_POSITIONS} or use "
                              f"shorter inputs")
+
+
+class MemoryDecoder:
+    """The general decoder: calls the model with the :class:`FeedbackMemory` of the previous call."""
+
+    def __init__(self, model: _FeedbackLoop):
+        self.model = model
+        self.memory: FeedbackMemory | None = None
+
+    @torch.no_grad()
+    def step(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """Read ``x_seq [seq_len, batch, d_model]``; returns the normalised outputs ``[seq_len, batch, d_model]``."""
+        out, self.memory = self.model(x_seq, self.memory, return_memory=True)
+        return out
 
 
 class FeedbackTransformer(_FeedbackLoop):
@@ -253,20 +299,74 @@ class FeedbackTransformerKV(_FeedbackLoop):
         return ["batch", "heads", "d_k"], [None, self.heads, self.d_model // self.heads]
 
     def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, d_model: int, heads: int, *,
-                 mem_len: int | None = None, naive_stack: bool = False):
+                 mem_len: int | None = None, naive_stack: bool = False, fused: bool = True):
         if isinstance(layer, FeedbackTransformerLayer):
             if not layer.attn.is_kv_precomputed:
                 raise ValueError("FeedbackTransformerKV needs attention built with is_kv_precomputed=True")
             if (d_model, heads) != (layer.size, layer.attn.heads):
                 raise ValueError(f"d_model={d_model}, heads={heads} do not match the layer's "
                                  f"d_model={layer.size}, heads={layer.attn.heads}")
+        check_bool("fused", fused)
         super().__init__(layer, n_layers, mem_len=mem_len, naive_stack=naive_stack)
+        self.fused = fused
         d_k = d_model // heads
         self.key = HeadProjection(d_model, heads, d_k, bias=False)
         self.value = HeadProjection(d_model, heads, d_k, bias=False)
+
+    def fused_loop_blocker(self) -> str | None:
+        if not self.fused:
+            return "built with fused=False"
+        if self.naive_stack:
+            return "naive_stack=True runs the reference loop it is compared in"
+        return fused_loop_blocker(self)
+
+    def loop_spec(self) -> LoopSpec:
+        """The sizes :class:`~feedback_lib.fused_kv.FusedKVLoop` needs."""
+        return LoopSpec(self.n_layers, self.heads, self.d_model // self.heads,
+                        tuple(layer.norm_self_attn.eps for layer in self.layers),
+                        tuple(layer.norm_ff.eps for layer in self.layers), self.mem_len)
+
+    def decoder(self, batch: int, capacity: int) -> FusedDecoder | MemoryDecoder:
+        if self.fused_loop_blocker() is None:
+            return FusedDecoder(self, batch, capacity)
+        return super().decoder(batch, capacity)
+
+    def _fused_loop(self, x_seq: torch.Tensor, prefix: tuple[torch.Tensor, ...]
+                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The same computation as the reference loop, as one :class:`~feedback_lib.fused_kv.FusedKVLoop`."""
+        n_prefix = prefix[0].shape[0] if prefix else 0
+        longest = max(1, self._longest_memory(n_prefix, x_seq.shape[0]))
+        spec = self.loop_spec()
+        tensors = [t for layer in self.layers for t in layer_tensors(layer, longest)]
+        prefix_key, prefix_value = prefix if prefix else (None, None)
+        out, keys, values = FusedKVLoop.apply(spec, x_seq, prefix_key, prefix_value, torch.softmax(self.weights, 0),
+                                              self.key.linear.weight, self.value.linear.weight, *tensors)
+        return out, (keys, values)
 
     def memory_rows(self, mem: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.key(mem), self.value(mem)                               # [batch, heads, d_k] each
 
     def key_value(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return tensors[0], tensors[1]
+
+
+def per_layer_copy(kv_model: FeedbackTransformerKV) -> FeedbackTransformer:
+    """A :class:`FeedbackTransformer` that computes exactly what ``kv_model`` computes (chapter on
+    sharing keys and values): every layer gets its own key and value projections, all set to the
+    shared ones (value bias zero), and every other weight is copied."""
+    if not isinstance(kv_model, FeedbackTransformerKV):
+        raise TypeError(f"kv_model must be a FeedbackTransformerKV, got {type(kv_model).__name__}")
+    first = kv_model.layers[0]
+    attn = FeedbackAttention(kv_model.heads, kv_model.d_model, first.attn.dropout.p)
+    layer = FeedbackTransformerLayer(d_model=kv_model.d_model, attn=attn,
+                                     feed_forward=copy.deepcopy(first.feed_forward),
+                                     dropout_prob=first.dropout.p)
+    model = FeedbackTransformer(layer, kv_model.n_layers, mem_len=kv_model.mem_len)
+    model = model.to(device=kv_model.norm.weight.device, dtype=kv_model.norm.weight.dtype)
+    state = {k: v for k, v in kv_model.state_dict().items() if not k.startswith(("key.", "value."))}
+    for i in range(kv_model.n_layers):
+        state[f"layers.{i}.attn.key.linear.weight"] = kv_model.key.linear.weight.detach()
+        state[f"layers.{i}.attn.value.linear.weight"] = kv_model.value.linear.weight.detach()
+        state[f"layers.{i}.attn.value.linear.bias"] = torch.zeros_like(kv_model.norm.bias)
+    model.load_state_dict(state, strict=True)
+    return model.train(kv_model.training)

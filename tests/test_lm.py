@@ -42,10 +42,16 @@ def test_greedy_generation_equals_argmax_of_full_forward(shared_kv):
 @VARIANTS
 def test_generation_reads_the_prompt_once_then_one_step_per_token(shared_kv):
     lm = make_lm(shared_kv)
-    lengths = []
-    hook = lm.transformer.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[0]))
+    lengths, make_decoder = [], lm.transformer.decoder
+
+    def recording_decoder(batch, capacity):
+        decoder = make_decoder(batch, capacity)
+        step = decoder.step
+        decoder.step = lambda x_seq: (lengths.append(x_seq.shape[0]), step(x_seq))[1]
+        return decoder
+
+    lm.transformer.decoder = recording_decoder
     lm.generate(torch.randint(0, 11, (1, 6)), 5, temperature=0)
-    hook.remove()
     assert lengths == [6, 1, 1, 1, 1]
 
 

@@ -125,3 +125,17 @@ def test_layer_weights_figure():
         plots.plot_layer_weights(torch.zeros(3), others=torch.zeros(4))
     with pytest.raises(ValueError, match=r"1-d tensor \[n_layers \+ 1\]"):
         plots.plot_layer_weights(torch.zeros(2, 2))
+
+
+def test_scaling_and_throughput_figures():
+    fig = plots.plot_scaling([8, 16], {"naive stack": [0.1, 0.3], "Stack": [0.1, 0.2]},
+                             {"naive stack": [2 ** 20, 4 * 2 ** 20], "Stack": [2 ** 19, 2 ** 20]})
+    assert [ax.get_xlabel() for ax in fig.axes] == ["sequence length T"] * 2
+    with pytest.raises(ValueError, match="peak_bytes must map each variant to 2 values"):
+        plots.plot_scaling([8, 16], {"Stack": [0.1, 0.2]}, {"Stack": [1]})
+    from feedback_lib.bench import Result
+    results = [Result("a", 10, 100.0, 5.0, "cached memory"), Result("b", 10, 50.0, None, "-")]
+    fig = plots.plot_throughput(results, reference="a")
+    assert len(fig.axes) == 2
+    with pytest.raises(ValueError, match="results is empty"):
+        plots.plot_throughput([])

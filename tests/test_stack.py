@@ -108,3 +108,13 @@ def test_protocol_errors():
         store.get()
         with pytest.raises(ValueError, match=r"block rows have shape \[4\] but the stack holds rows of shape \[3\]"):
             store.append(torch.zeros(1, 4))
+
+
+def test_a_training_step_leaves_no_stack_alive():
+    """Reads must not keep their Stack (which holds the last read): that cycle leaked every graph."""
+    import gc
+
+    model = fl.FeedbackLM(11, d_model=8, heads=2, n_layers=2, d_ff=16, shared_kv=False)
+    model(torch.randint(0, 11, (2, 5))).sum().backward()
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is fl.Stack]

@@ -57,21 +57,14 @@ def test_mem_len_window(shared_kv):
     assert not torch.allclose(short[4:], full[4:])
 
 
-def tie_to_shared(kv_model, per_layer_model):
-    """Copy the shared model's weights into the per-layer one, with every layer's K/V set to the shared ones."""
-    state = {k: v for k, v in kv_model.state_dict().items() if not k.startswith(("key.", "value."))}
-    for i in range(len(per_layer_model.layers)):
-        state[f"layers.{i}.attn.key.linear.weight"] = kv_model.key.linear.weight
-        state[f"layers.{i}.attn.value.linear.weight"] = kv_model.value.linear.weight
-        state[f"layers.{i}.attn.value.linear.bias"] = torch.zeros(D_MODEL)
-    per_layer_model.load_state_dict(state, strict=True)
-
-
 def test_shared_kv_equals_per_layer_with_tied_weights():
-    kv_model, per_layer = make_transformer(True), make_transformer(False, seed=1)
-    tie_to_shared(kv_model, per_layer)
+    kv_model = make_transformer(True)
+    per_layer = fl.per_layer_copy(kv_model)
+    assert isinstance(per_layer, fl.FeedbackTransformer) and not per_layer.training
     x = torch.randn(9, 3, D_MODEL)
     torch.testing.assert_close(kv_model(x), per_layer(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="must be a FeedbackTransformerKV"):
+        fl.per_layer_copy(per_layer)
 
 
 @VARIANTS

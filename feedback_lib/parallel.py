@@ -1,0 +1,84 @@
+"""The parallel baseline: a causal Transformer language model of the same width and depth.
+
+A standard (pre-norm) Transformer decoder sees the whole training sequence at once, so it trains
+with a few large matrix products instead of one small step per token. Chapter 1 and the benchmark
+chapter compare it with the feedback transformer. It uses ``torch.nn.TransformerEncoder`` with a
+causal mask and learned absolute position embeddings; its generation re-reads the whole context for
+every new token (no key/value cache), which is the cost the feedback transformer's memory avoids.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from feedback_lib.checks import check_positive_int, check_probability, check_token_ids
+from feedback_lib.generation import check_sampling, sample_next_token
+
+
+class ParallelLM(nn.Module):
+    """Embedding + positions -> causal ``nn.TransformerEncoder`` -> LayerNorm -> linear head.
+
+    Args:
+        n_vocab: vocabulary size.
+        d_model, heads, n_layers, d_ff: width, attention heads, depth and feed-forward width.
+        dropout: dropout in every layer.
+        max_len: the longest sequence (number of learned positions); generation keeps the last
+            ``max_len`` tokens as its context.
+
+    Shapes: token ids ``[batch, seq]`` in, logits ``[batch, seq, n_vocab]`` out, as
+    :class:`~feedback_lib.FeedbackLM`.
+    """
+
+    def __init__(self, n_vocab: int, *, d_model: int, heads: int, n_layers: int, d_ff: int,
+                 dropout: float = 0.0, max_len: int = 1024):
+        for name, value in (("n_vocab", n_vocab), ("d_model", d_model), ("heads", heads),
+                            ("n_layers", n_layers), ("d_ff", d_ff), ("max_len", max_len)):
+            check_positive_int(name, value)
+        check_probability("dropout", dropout)
+        if d_model % heads:
+            raise ValueError(f"d_model must be divisible by heads, got d_model={d_model}, heads={heads}")
+        super().__init__()
+        self.config = dict(n_vocab=n_vocab, d_model=d_model, heads=heads, n_layers=n_layers, d_ff=d_ff,
+                           dropout=dropout, max_len=max_len)
+        self.embed = nn.Embedding(n_vocab, d_model)
+        self.positions = nn.Embedding(max_len, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, d_ff, dropout=dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, n_vocab)
+        self.n_vocab = n_vocab
+        self.max_len = max_len
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, seq, n_vocab]``; position ``t`` sees tokens ``0..t`` only."""
+        check_token_ids("tokens", tokens, self.n_vocab, self.head.weight.device)
+        if tokens.shape[1] > self.max_len:
+            raise ValueError(f"tokens has {tokens.shape[1]} positions, more than max_len={self.max_len}")
+        return self.logits(tokens)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without the checks."""
+        seq = tokens.shape[1]
+        x = self.embed(tokens) + self.positions.weight[:seq]                    # [batch, seq, d_model]
+        mask = nn.Transformer.generate_square_subsequent_mask(seq, device=tokens.device, dtype=x.dtype)
+        return self.head(self.norm(self.encoder(x, mask=mask, is_causal=True)))
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue ``prompt [batch, seq]`` by ``max_new_tokens`` tokens, re-reading the context
+        (the last ``max_len`` tokens) for each one; same sampling options as ``FeedbackLM.generate``."""
+        check_token_ids("prompt", prompt, self.n_vocab, self.head.weight.device)
+        check_positive_int("max_new_tokens", max_new_tokens)
+        check_sampling(temperature, top_k, generator)
+        was_training = self.training
+        self.eval()
+        try:
+            tokens = prompt
+            for _ in range(max_new_tokens):
+                logits = self.logits(tokens[:, -self.max_len:])[:, -1]           # [batch, n_vocab]
+                tokens = torch.cat([tokens, sample_next_token(logits, temperature, top_k, generator)], dim=1)
+        finally:
+            self.train(was_training)
+        return tokens

@@ -1,0 +1,55 @@
+"""The benchmark module runs, reports every implementation, and measures memory (tiny sizes)."""
+
+import json
+import sys
+
+import pytest
+
+from feedback_lib import bench
+
+TINY = bench.BenchConfig(d_model=16, heads=4, n_layers=2, d_ff=32, n_vocab=11, seq_len=6, batch=2,
+                         gen_tokens=3, repeats=1)
+
+
+def test_run_reports_feedback_lib_and_the_parallel_baseline():
+    results = bench.run(TINY, only=["feedback_lib", "parallel"])
+    names = [r.name for r in results]
+    assert names == ["feedback_lib", "feedback_lib KV", "feedback_lib KV, reference loop",
+                     "parallel (nn.TransformerEncoder)"]
+    for r in results:
+        assert r.train_tokens_per_s > 0 and r.generate_tokens_per_s > 0 and len(r.train_seconds) == 1
+    table = bench.format_table(results)
+    assert table.count("\n") == len(results) + 1 and "| feedback_lib KV | " in table
+
+
+def test_reference_implementations_when_installed():
+    found = bench.labml_contenders(TINY) + bench.ftp_contenders(TINY)
+    if not found:
+        pytest.skip("neither labml_nn nor feedback-transformer-pytorch is installed")
+    results = bench.run(TINY, only=[c.name for c in found])
+    assert all(r.train_tokens_per_s > 0 and r.generate_tokens_per_s > 0 for r in results)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory is read from /proc")
+def test_memory_measurement_in_a_fresh_process():
+    config = bench.BenchConfig(**{**TINY.__dict__, "seq_len": 48})
+    scaling = bench.memory_scaling([48], config)
+    assert list(scaling) == list(bench.MEMORY_VARIANTS)
+    assert all(len(peaks) == 1 and peaks[0] >= 0 for peaks in scaling.values())
+
+
+def test_time_scaling():
+    seconds = bench.time_scaling([4, 8], TINY, repeats=1)
+    assert list(seconds) == list(bench.MEMORY_VARIANTS)
+    assert all(len(s) == 2 and min(s) > 0 for s in seconds.values())
+
+
+def test_command_line(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--d-model", "16", "--heads", "4", "--n-layers", "2", "--d-ff", "32", "--seq-len", "4",
+                "--batch", "2", "--repeats", "1", "--no-generate", "--only", "feedback_lib KV,parallel",
+                "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "machine: CPU" in printed and "| feedback_lib KV | " in printed
+    report = json.loads(out.read_text())
+    assert report["config"]["d_model"] == 16 and len(report["results"]) == 3
