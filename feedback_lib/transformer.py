@@ -129,7 +129,6 @@ class _FeedbackLoop(nn.Module):
         check_like("x_seq", x_seq, self.norm.weight)
         check_bool("return_memory", return_memory)
         self.check_memory(memory, x_seq.shape[1], x_seq.shape[0], input_name="x_seq")
-        seq_len = x_seq.shape[0]
         prefix = () if memory is None else memory.tensors
         if prefix and self.mem_len is not None:
             prefix = tuple(t[-self.mem_len:] for t in prefix)
