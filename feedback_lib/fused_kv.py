@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from feedback_lib.feed_forward import FeedForward
+from feedback_lib.memory import window_start
 
 #: Per layer, the tensors :class:`FusedKVLoop` takes, in this order.
 LAYER_TENSORS = ("norm_self_attn.weight", "norm_self_attn.bias", "attn.query.linear.weight",
@@ -47,7 +48,7 @@ class LoopSpec:
 
     def window(self, n: int) -> int:
         """First memory row that step ``n`` (which sees rows ``0..n-1``) attends to."""
-        return 0 if self.mem_len is None else max(0, n - self.mem_len)
+        return window_start(n, self.mem_len)
 
 
 def fused_loop_blocker(model: nn.Module) -> str | None:
@@ -372,7 +373,7 @@ class FusedDecoder:
     def __init__(self, model: nn.Module, batch: int, capacity: int):
         self.model = model
         self.spec = model.loop_spec()
-        longest = max(1, capacity - 1 if model.mem_len is None else min(capacity - 1, model.mem_len))
+        longest = max(1, model._longest_memory(0, capacity))
         with torch.no_grad():
             tensors = [t.detach() for layer in model.layers for t in layer_tensors(layer, longest)]
             self.weights = torch.softmax(model.weights, 0).detach()

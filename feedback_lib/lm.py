@@ -61,11 +61,6 @@ class FeedbackLM(nn.Module):
         self.check_tokens("tokens", tokens)
         # Checked here as well as in the transformer, so that a mismatch is reported against `tokens`.
         self.transformer.check_memory(memory, tokens.shape[0], tokens.shape[1], input_name="tokens")
-        return self.logits(tokens, memory, return_memory)
-
-    def logits(self, tokens: torch.Tensor, memory: FeedbackMemory | None,
-               return_memory: bool) -> torch.Tensor | tuple[torch.Tensor, FeedbackMemory]:
-        """:meth:`forward` without the token checks."""
         x = self.src_embed(tokens.t())                     # batch-major ids -> time-major [seq, batch, d_model]
         result = self.transformer(x, memory, return_memory=return_memory)
         out, memory = result if return_memory else (result, None)

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 import torch
 
 
+def window_start(length: int, mem_len: int | None) -> int:
+    """The first of ``length`` memory rows inside a window of the last ``mem_len`` rows (None: all)."""
+    return 0 if mem_len is None else max(0, length - mem_len)
+
+
 @dataclass(frozen=True)
 class FeedbackMemory:
     """The memory after a call, ready to continue the sequence in the next call.

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from feedback_lib.attention import MAX_POSITIONS, FeedbackAttention, HeadProjection
-from feedback_lib.fused_kv import FusedDecoder, FusedKVLoop, LoopSpec, fused_loop_blocker, layer_tensors
 from feedback_lib.checks import check_bool, check_like, check_positive_int, check_probability, check_tensor
-from feedback_lib.memory import FeedbackMemory
+from feedback_lib.fused_kv import FusedDecoder, FusedKVLoop, LoopSpec, fused_loop_blocker, layer_tensors
+from feedback_lib.memory import FeedbackMemory, window_start
 from feedback_lib.stack import NaiveStack, Stack
 
 
@@ -189,7 +189,7 @@ class _FeedbackLoop(nn.Module):
         return MemoryDecoder(self)
 
     def _window_start(self, length: int) -> int:
-        return 0 if self.mem_len is None else max(0, length - self.mem_len)
+        return window_start(length, self.mem_len)
 
     def _read(self, stores: list[Stack]) -> tuple[torch.Tensor, torch.Tensor]:
         start = self._window_start(len(stores[0]))
