@@ -21,9 +21,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 book: setup
 	$(BIN)/jupyter-book build -W --keep-going .
 
-# pytest exits with 5 when it collects nothing, which fails the target.
+# pytest exits with 5 when it collects nothing, which fails the target. FEEDBACK_LIB_NATIVE=require
+# makes a failed build of the C++ step loops an error instead of a silent fall-back to Python.
 test: setup
-	FEEDBACK_LIB_FAST=1 $(BIN)/python -m pytest --nbval-lax --nbval-current-env tests book
+	FEEDBACK_LIB_FAST=1 FEEDBACK_LIB_NATIVE=require $(BIN)/python -m pytest --nbval-lax --nbval-current-env tests book
 	$(BIN)/jupyter-book build -W --keep-going .
 
 notebooks: setup

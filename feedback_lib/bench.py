@@ -4,7 +4,8 @@
 (forward, cross-entropy, backward and a step of PyTorch's fused Adam, the same for all) and greedy generation for:
 
 * feedback_lib's :class:`~feedback_lib.FeedbackTransformer` and shared key/value model (the fused
-  loop, and the reference loop of chapter 5 for comparison);
+  loop with its C++ step loops, the same with its Python step loops, and the reference loop of
+  chapter 5, for comparison);
 * a parallel causal Transformer of the same width and depth (:class:`~feedback_lib.ParallelLM`);
 * when installed, labml.ai's implementation (``pip install labml && pip install --no-deps labml-nn``)
   and the ``feedback-transformer-pytorch`` package (``pip install --no-deps
@@ -19,6 +20,7 @@ run and chapter 6 the memory and time against the sequence length; ``--help`` li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from feedback_lib import native
 from feedback_lib.lm import FeedbackLM
 from feedback_lib.parallel import ParallelLM
 
@@ -63,6 +66,8 @@ class Contender:
     logits: Callable[[torch.Tensor], torch.Tensor]           # [batch, seq] -> [batch, seq, n_vocab]
     generate: Callable[[torch.Tensor, int], torch.Tensor]    # (prompt [1, k], n) -> [1, k + n], greedy
     generation: str                                          # how it generates
+    # entered around every timed call, backward pass included (e.g. native.python_loops)
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     @property
     def parameters(self) -> int:
@@ -83,13 +88,16 @@ def feedback_lib_contenders(config: BenchConfig) -> list[Contender]:
     """feedback_lib's models and the parallel baseline."""
     sizes = dict(d_model=config.d_model, heads=config.heads, n_layers=config.n_layers, d_ff=config.d_ff)
     out = []
-    for name, shared_kv, fused in (("feedback_lib", False, False), ("feedback_lib KV", True, True),
-                                   ("feedback_lib KV, reference loop", True, False)):
+    variants = (("feedback_lib", False, False, contextlib.nullcontext),
+                ("feedback_lib KV", True, True, contextlib.nullcontext),
+                ("feedback_lib KV, Python step loops", True, True, native.python_loops),
+                ("feedback_lib KV, reference loop", True, False, contextlib.nullcontext))
+    for name, shared_kv, fused, context in variants:
         torch.manual_seed(0)
         model = FeedbackLM(config.n_vocab, shared_kv=shared_kv, **sizes)
         if shared_kv:
             model.transformer.fused = fused
-        out.append(Contender(name, model, model, _greedy(model), "cached memory"))
+        out.append(Contender(name, model, model, _greedy(model), "cached memory", context))
     torch.manual_seed(0)
     parallel = ParallelLM(config.n_vocab, max_len=max(config.seq_len, config.gen_tokens + 1), **sizes)
     out.append(Contender("parallel (nn.TransformerEncoder)", parallel, parallel, _greedy(parallel),
@@ -185,11 +193,12 @@ def adam(model: nn.Module) -> torch.optim.Optimizer:
 
 def train_step(contender: Contender, optimizer: torch.optim.Optimizer, tokens: torch.Tensor) -> None:
     """One training step: next-token cross-entropy on ``tokens [batch, seq + 1]``, backward, Adam."""
-    logits = contender.logits(tokens[:, :-1])
-    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    with contender.context():
+        logits = contender.logits(tokens[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
 
 def time_training(found: list[Contender], config: BenchConfig) -> dict[str, list[float]]:
@@ -216,12 +225,13 @@ def time_generation(contender: Contender, config: BenchConfig) -> float:
     """Greedy generation of ``config.gen_tokens`` tokens at batch 1 from a one-token prompt, in tokens/s."""
     contender.model.eval()
     prompt = torch.zeros((1, 1), dtype=torch.long, device=config.device)
-    contender.generate(prompt, 2)                                       # warm-up
-    _sync(config.device)
-    start = time.perf_counter()
-    contender.generate(prompt, config.gen_tokens)
-    _sync(config.device)
-    return config.gen_tokens / (time.perf_counter() - start)
+    with contender.context():
+        contender.generate(prompt, 2)                                   # warm-up
+        _sync(config.device)
+        start = time.perf_counter()
+        contender.generate(prompt, config.gen_tokens)
+        _sync(config.device)
+        return config.gen_tokens / (time.perf_counter() - start)
 
 
 def run(config: BenchConfig, only: list[str] | None = None, generate: bool = True) -> list[Result]:
@@ -243,7 +253,7 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    text = f"CPU {cpu}, {threads} torch threads, torch {torch.__version__}"
+    text = f"CPU {cpu}, {threads} torch threads, torch {torch.__version__}, fused loop: {native.status()}"
     if torch.cuda.is_available():
         text += f"; CUDA device {torch.cuda.get_device_name()}"
     return text

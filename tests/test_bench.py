@@ -14,7 +14,8 @@ TINY = bench.BenchConfig(d_model=16, heads=4, n_layers=2, d_ff=32, n_vocab=11, s
 def test_run_reports_feedback_lib_and_the_parallel_baseline():
     results = bench.run(TINY, only=["feedback_lib", "parallel"])
     names = [r.name for r in results]
-    assert names == ["feedback_lib", "feedback_lib KV", "feedback_lib KV, reference loop",
+    assert names == ["feedback_lib", "feedback_lib KV", "feedback_lib KV, Python step loops",
+                     "feedback_lib KV, reference loop",
                      "parallel (nn.TransformerEncoder)"]
     for r in results:
         assert r.train_tokens_per_s > 0 and r.generate_tokens_per_s > 0 and len(r.train_seconds) == 1
@@ -50,6 +51,9 @@ def test_command_line(tmp_path, capsys):
                 "--batch", "2", "--repeats", "1", "--no-generate", "--only", "feedback_lib KV,parallel",
                 "--json", str(out)])
     printed = capsys.readouterr().out
-    assert "machine: CPU" in printed and "| feedback_lib KV | " in printed
+    assert "machine: CPU" in printed and "fused loop: " in printed and "| feedback_lib KV | " in printed
     report = json.loads(out.read_text())
-    assert report["config"]["d_model"] == 16 and len(report["results"]) == 3
+    names = [r["name"] for r in report["results"]]
+    assert report["config"]["d_model"] == 16
+    assert names == ["feedback_lib KV", "feedback_lib KV, Python step loops", "feedback_lib KV, reference loop",
+                     "parallel (nn.TransformerEncoder)"]

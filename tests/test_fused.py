@@ -1,4 +1,7 @@
-"""The fused loop of the shared key/value transformer: the same numbers as the reference loop."""
+"""The fused loop of the shared key/value transformer: the same numbers as the reference loop.
+
+Every test runs twice, with the C++ step loops (feedback_lib/fused_kv.cpp) and with the Python ones.
+"""
 
 import copy
 
@@ -7,8 +10,21 @@ import torch
 from torch import nn
 
 import feedback_lib as fl
+from feedback_lib import native
 from feedback_lib.fused_kv import FusedDecoder, Linear
 from helpers import D_MODEL, HEADS, make_lm, make_transformer
+
+
+@pytest.fixture(autouse=True, params=["C++ step loops", "Python step loops"])
+def step_loops(request):
+    """Runs the test with each implementation of the step loops (CI builds the C++ one or fails)."""
+    if request.param == "Python step loops":
+        with native.python_loops():
+            yield
+    elif native.load() is None:
+        pytest.skip(f"the C++ step loops are not available here: {native.status()}")
+    else:
+        yield
 
 
 def reference_copy(model: fl.FeedbackTransformerKV) -> fl.FeedbackTransformerKV:
