@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import textwrap
 
 from IPython.display import Markdown
@@ -20,3 +21,21 @@ def show_source(obj: object) -> Markdown:
         raise TypeError(f"show_source needs a function, method, class or module defined in a file, "
                         f"got {obj!r} ({error})") from None
     return Markdown(f"````python\n{textwrap.dedent(source).rstrip()}\n````")
+
+
+def show_cpp(name: str) -> Markdown:
+    """One function of the C++ step loops (``feedback_lib/fused_kv.cpp``, chapter 7) as a Markdown
+    code block: its comment, its ``template`` line and its body, up to the closing brace."""
+    from feedback_lib.native import SOURCE
+
+    lines = SOURCE.read_text().splitlines()
+    starts = [i for i, line in enumerate(lines)
+              if re.match(rf"^[A-Za-z].*\b{re.escape(name)}\(", line) and not line.rstrip().endswith(";")]
+    if not starts:
+        raise ValueError(f"{SOURCE.name} defines no function named {name!r}")
+    first = last = starts[0]
+    while first > 0 and lines[first - 1].startswith(("//", "template")):
+        first -= 1
+    while lines[last] != "}":
+        last += 1
+    return Markdown("````cpp\n" + "\n".join(lines[first:last + 1]) + "\n````")

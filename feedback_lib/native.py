@@ -63,10 +63,13 @@ def _build() -> ModuleType:
         os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
 
     # Reassociating sums lets the compiler vectorize the dot products; NaN and infinity keep their meaning.
-    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+    flags = ["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
              *_arch_flags()]
+    # OpenMP lets the attention kernels use PyTorch's threads. Apple's compiler has no -fopenmp;
+    # there the kernels run on one thread (the matrix products still use all of PyTorch's).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     name = "feedback_lib_native_" + torch.backends.cpu.get_cpu_capability().lower()
-    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags + openmp, extra_ldflags=openmp,
                               verbose=False)
 
 

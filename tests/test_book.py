@@ -116,3 +116,16 @@ def test_stored_source_listings_match_the_library(path):
         stored = "".join(cell["outputs"][0]["data"]["text/markdown"])
         assert stored == show_source(obj).data, (
             f"{path.name}: the stored listing of {match.group(1)} is out of date; re-execute the chapter")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_stored_cpp_listings_match_the_library(path):
+    """A cell ending in ``show_cpp("name")`` must show the current C++ source of that function."""
+    from feedback_lib.display import show_cpp
+
+    for cell in load(path)["cells"]:
+        match = re.search(r'show_cpp\("(\w+)"\)\s*$', "".join(cell["source"]).strip())
+        if cell["cell_type"] == "code" and match:
+            stored = "".join(cell["outputs"][0]["data"]["text/markdown"])
+            assert stored == show_cpp(match.group(1)).data, (
+                f"{path.name}: the stored listing of {match.group(1)} is out of date; re-execute the chapter")

@@ -64,6 +64,15 @@ def test_show_source():
         show_source(3)
 
 
+def test_show_cpp():
+    from feedback_lib.display import show_cpp
+    text = show_cpp("attention_forward").data
+    assert text.startswith("````cpp\n// One layer's attention") and "void attention_forward(" in text
+    assert text.endswith("\n}\n````")
+    with pytest.raises(ValueError, match="fused_kv.cpp defines no function named 'nothing'"):
+        show_cpp("nothing")
+
+
 def test_book_modules_load_on_first_use():
     import subprocess
     import sys
