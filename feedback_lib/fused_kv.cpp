@@ -1,12 +1,13 @@
-// The step loops of feedback_lib/fused_kv.py in C++, for the CPU (chapter 7, "A native step loop").
+// The step loops of feedback_lib/fused_kv.py in C++, for the CPU (chapter 7, "The step loops in C++").
 //
-// `forward_steps` is `run_steps` and `backward_steps` is `run_steps_backward`, line for line: the
-// same buffers, the same order of operations, and ATen's kernels for the LayerNorms and the matrix
-// products (MKL-packed where Python packs them). What changes is who issues the per-step work: a
-// Python loop costs several microseconds per tensor operation, about a third of a training step at
-// the benchmark's size. The attention of one query over the memory, forward and backward, is
-// written out as loops over the memory rows (one (batch, head) pair per task), which replaces a
-// dozen small ATen kernels per layer and step. The tests check both loops against the Python ones.
+// `forward_steps` is `run_steps` and `backward_steps` is `run_steps_backward`: the same buffers, the
+// same equations in the same order, and ATen's kernels for the matrix products (MKL-packed where
+// Python packs them). What changes is who issues the per-step work: a Python loop costs several
+// microseconds per tensor operation, about half of a forward pass at the benchmark's size. The
+// small operations are written out as loops: the LayerNorms, the ReLU, the residual additions and
+// the attention of one query over the memory, forward and backward. Their sums run in another order
+// than ATen's (and the compiler may reorder them), so the two loops agree to rounding, not bit for
+// bit; the tests check them against each other and against the reference loop.
 //
 // Layouts (all contiguous): keys/values [capacity, batch, heads, d_k]; per-step activations
 // [layer, step, batch, ...]; the attention weights of step t in rows offsets[t].. of
@@ -325,11 +326,32 @@ void forward_steps_impl(const std::vector<Tensor>& layers, const std::vector<dou
   }
 }
 
+// The step spans must stay inside the buffers: the kernels index them without further checks.
+void check_spans(const char* what, const std::vector<Tensor>& acts, const Tensor& keys, const Tensor& weights,
+                 int64_t n_layers, int64_t longest, const std::vector<int64_t>& starts,
+                 const std::vector<int64_t>& offsets, int64_t n_prefix) {
+  const int64_t seq_len = acts[XS].size(0);
+  TORCH_CHECK(static_cast<int64_t>(starts.size()) == seq_len && static_cast<int64_t>(offsets.size()) == seq_len,
+              what, ": one start and one offset per step");
+  TORCH_CHECK(weights.numel() == n_layers + 1, what, ": weights must have n_layers + 1 entries");
+  TORCH_CHECK(n_prefix >= 0 && n_prefix + seq_len <= keys.size(0), what, ": the steps do not fit in the memory");
+  for (int64_t t = 0; t < seq_len; ++t) {
+    const int64_t n = n_prefix + t, m = n - starts[t];
+    TORCH_CHECK(starts[t] >= 0 && m >= 0 && m <= longest, what, ": step ", t, " sees rows ", starts[t], "..", n,
+                ", beyond the ", longest, " distances of the position tables");
+    TORCH_CHECK(offsets[t] >= 0 && offsets[t] + m <= acts[ATTN].size(1), what, ": step ", t,
+                "'s attention weights do not fit in their buffer");
+  }
+}
+
 void forward_steps(const std::vector<Tensor>& layers, const std::vector<double>& eps,
                    const std::vector<Tensor>& memory_proj, const Tensor& weights, const std::vector<Tensor>& acts,
                    const Tensor& keys, const Tensor& values, const std::vector<int64_t>& starts,
                    const std::vector<int64_t>& offsets, int64_t n_prefix) {
   TORCH_CHECK(acts.size() == N_ACT && layers.size() % N_FWD == 0 && memory_proj.size() == 4, "forward_steps: bad arguments");
+  TORCH_CHECK(eps.size() == 2 * layers.size() / N_FWD, "forward_steps: two LayerNorm eps per layer");
+  check_spans("forward_steps", acts, keys, weights, layers.size() / N_FWD, layers[UK].size(-1), starts, offsets,
+              n_prefix);
   check_contiguous(acts, "forward_steps");
   check_contiguous(layers, "forward_steps");
   check_contiguous({keys, values}, "forward_steps");
@@ -416,6 +438,9 @@ void backward_steps(const std::vector<Tensor>& layers, const std::vector<Tensor>
                     const std::vector<int64_t>& offsets, int64_t n_prefix) {
   TORCH_CHECK(acts.size() == N_ACT && grads.size() == N_GRAD && layers.size() % N_BWD == 0 && memory_back.size() == 4,
               "backward_steps: bad arguments");
+  check_spans("backward_steps", acts, keys, weights, layers.size() / N_BWD, layers[BUKT].size(1), starts, offsets,
+              n_prefix);
+  TORCH_CHECK(grads[G_SCORES].size(-1) == layers[BUKT].size(1), "backward_steps: score gradients of the wrong width");
   check_contiguous(acts, "backward_steps");
   check_contiguous(grads, "backward_steps");
   check_contiguous(layers, "backward_steps");

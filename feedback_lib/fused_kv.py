@@ -20,12 +20,14 @@ Chapter 7 derives the backward pass; the tests check it against the reference lo
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from feedback_lib import native
 from feedback_lib.feed_forward import FeedForward
@@ -131,47 +133,52 @@ class BufferPool:
     the shapes used longest ago first (sequence lengths change during a curriculum).
     """
 
-    def __init__(self, keep: int = 2, max_bytes: int = 512 * 2**20):
-        self.keep, self.max_bytes = keep, max_bytes
+    def __init__(self, keep: int = 8, max_bytes: int = 512 * 2**20):
+        self.keep, self.max_bytes = keep, max_bytes   # one step uses eight buffers of the commonest shape
         self.free: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
         self.bytes = 0
+        self.lock = threading.Lock()               # models may run in several threads
 
     def empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """An uninitialised buffer of ``shape`` with ``like``'s dtype and device."""
         key = (tuple(shape), like.dtype)
-        stack = self.free.get(key) if like.device.type == "cpu" else None
-        if not stack:
-            return like.new_empty(shape)
-        self.free.move_to_end(key)
-        tensor = stack.pop()
-        self.bytes -= tensor.nbytes
-        return tensor
+        with self.lock:
+            stack = self.free.get(key) if like.device.type == "cpu" else None
+            if not stack:
+                return like.new_empty(shape)
+            self.free.move_to_end(key)
+            tensor = stack.pop()
+            self.bytes -= tensor.nbytes
+            return tensor
 
     def zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         return self.empty(shape, like).zero_()
 
     def release(self, tensors: list[torch.Tensor]) -> None:
-        """Take back ``tensors``, which nothing else may use any more."""
-        for tensor in tensors:
-            if tensor.device.type != "cpu" or tensor.nbytes > self.max_bytes:
-                continue
-            key = (tuple(tensor.shape), tensor.dtype)
-            stack = self.free.setdefault(key, [])
-            self.free.move_to_end(key)
-            if len(stack) < self.keep:
-                stack.append(tensor)
-                self.bytes += tensor.nbytes
-        while self.bytes > self.max_bytes:           # drop the shapes used longest ago
-            _, stack = self.free.popitem(last=False)
-            self.bytes -= sum(t.nbytes for t in stack)
+        """Take back ``tensors``, which nothing else may use any more. Buffers made under
+        ``torch.inference_mode`` are not kept: outside it they could not be written."""
+        with self.lock:
+            for tensor in tensors:
+                if tensor.device.type != "cpu" or tensor.is_inference() or tensor.nbytes > self.max_bytes:
+                    continue
+                key = (tuple(tensor.shape), tensor.dtype)
+                stack = self.free.setdefault(key, [])
+                self.free.move_to_end(key)
+                if len(stack) < self.keep:
+                    stack.append(tensor)
+                    self.bytes += tensor.nbytes
+            while self.bytes > self.max_bytes:           # drop the shapes used longest ago
+                _, stack = self.free.popitem(last=False)
+                self.bytes -= sum(t.nbytes for t in stack)
 
     def release_when_gone(self, owner: object, tensors: list[torch.Tensor]) -> None:
         """Take back ``tensors`` once ``owner``, which holds them, is garbage."""
         weakref.finalize(owner, self.release, tensors)
 
     def clear(self) -> None:
-        self.free.clear()
-        self.bytes = 0
+        with self.lock:
+            self.free.clear()
+            self.bytes = 0
 
 
 #: The pool the fused loop allocates from.
@@ -310,7 +317,7 @@ def forward_steps(spec: LoopSpec, layers: list[Layer], memory_proj: tuple[Linear
 
     The loop is :func:`run_steps`, or its C++ translation when :mod:`feedback_lib.native` has one
     for this device (``native_args``: :func:`native_forward_args`, if already made)."""
-    extension = native.extension(acts.xs.device)
+    extension = native.extension(acts.xs.device, acts.xs.dtype)
     if extension is None:
         run_steps(spec, layers, memory_proj, weights, acts, keys, values)
         return
@@ -411,7 +418,7 @@ def backward_steps(spec: LoopSpec, layers: list[TransposedLayer], memory_back: t
                    grad_out: torch.Tensor, grads: Gradients) -> None:
     """Walk the steps backwards: :func:`run_steps_backward`, or its C++ translation when
     :mod:`feedback_lib.native` has one for this device."""
-    extension = native.extension(grad_out.device)
+    extension = native.extension(grad_out.device, grad_out.dtype)
     if extension is None:
         run_steps_backward(spec, layers, memory_back, weights, acts, keys, values, grad_out, grads)
     else:
@@ -511,6 +518,7 @@ class FusedKVLoop(torch.autograd.Function):
         return acts.xs[:, spec.n_layers].clone(), keys, values
 
     @staticmethod
+    @once_differentiable                   # the hand-written backward pass is not itself differentiable
     def backward(ctx, grad_out, grad_keys, grad_values):
         spec, acts, n_prefix = ctx.spec, ctx.acts, ctx.n_prefix
         weights, w_key, w_value, keys, values = ctx.saved_tensors

@@ -100,9 +100,14 @@ def load() -> ModuleType | None:
     return _state["module"]
 
 
-def extension(device: torch.device) -> ModuleType | None:
-    """The extension if the loops on ``device`` should use it: CPU tensors, not switched off."""
-    if device.type != "cpu" or _state["disabled"]:
+#: The dtypes the C++ loops are compiled for.
+DTYPES = (torch.float32, torch.float64)
+
+
+def extension(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
+    """The extension if the loops for tensors of ``dtype`` on ``device`` should use it: float32 or
+    float64 CPU tensors, not switched off. Otherwise (a GPU, bfloat16, ...) the Python loops run."""
+    if device.type != "cpu" or dtype not in DTYPES or _state["disabled"]:
         return None
     return load()
 

@@ -32,7 +32,7 @@ def test_a_bad_mode_names_the_variable(monkeypatch):
 def test_off_never_builds(monkeypatch, fresh_state):
     monkeypatch.setenv(native.NATIVE_ENV, "0")
     monkeypatch.setattr(native, "_build", lambda: pytest.fail("built although switched off"))
-    assert native.extension(torch.device("cpu")) is None
+    assert native.extension(torch.device("cpu"), torch.float32) is None
     assert native.status() == "Python step loops (FEEDBACK_LIB_NATIVE=0)"
 
 
@@ -61,8 +61,21 @@ def test_require_raises_when_the_build_fails(monkeypatch, fresh_state):
 def test_only_cpu_tensors_use_the_extension(monkeypatch, fresh_state):
     monkeypatch.setattr(native, "_build", lambda: "the module")
     monkeypatch.setenv(native.NATIVE_ENV, "auto")
-    assert native.extension(torch.device("cpu")) == "the module"
-    assert native.extension(torch.device("meta")) is None
+    assert native.extension(torch.device("cpu"), torch.float32) == "the module"
+    assert native.extension(torch.device("meta"), torch.float32) is None
+
+
+def test_only_float32_and_float64_use_the_extension(monkeypatch, fresh_state):
+    monkeypatch.setattr(native, "_build", lambda: "the module")
+    monkeypatch.setenv(native.NATIVE_ENV, "auto")
+    assert native.extension(torch.device("cpu"), torch.float64) == "the module"
+    assert native.extension(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_a_bfloat16_model_trains_on_the_python_loops():
+    model = make_transformer(True).to(torch.bfloat16)
+    model(torch.randn(4, 2, D_MODEL, dtype=torch.bfloat16)).float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_python_loops_nest(monkeypatch, fresh_state):
@@ -70,9 +83,9 @@ def test_python_loops_nest(monkeypatch, fresh_state):
     monkeypatch.setenv(native.NATIVE_ENV, "auto")
     with native.python_loops():
         with native.python_loops():
-            assert native.extension(torch.device("cpu")) is None
-        assert native.extension(torch.device("cpu")) is None
-    assert native.extension(torch.device("cpu")) == "the module"
+            assert native.extension(torch.device("cpu"), torch.float32) is None
+        assert native.extension(torch.device("cpu"), torch.float32) is None
+    assert native.extension(torch.device("cpu"), torch.float32) == "the module"
 
 
 
@@ -148,3 +161,35 @@ def test_cpp_and_python_step_loops_agree_in_float32():
 
 def test_the_cpp_source_ships_inside_the_package():
     assert native.SOURCE.is_file() and native.SOURCE.parent.name == "feedback_lib"
+
+
+def test_training_after_inference_mode():
+    """Buffers made under inference_mode are inference tensors; the pool must not hand them out later."""
+    model = make_transformer(True)
+    with torch.inference_mode():
+        model(torch.randn(6, 2, D_MODEL))
+    model(torch.randn(6, 2, D_MODEL)).sum().backward()
+
+
+def test_the_backward_pass_is_not_differentiated_again():
+    model = make_transformer(True, dtype=torch.float64)
+    x = torch.randn(5, 2, D_MODEL, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad((model(x) ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        g.sum().backward()
+
+
+def test_cpp_loops_check_that_the_steps_fit():
+    extension = native.load()
+    if extension is None:
+        pytest.skip(native.status())
+    decoder = make_transformer(True).decoder(2, 4)          # position tables for 3 distances
+    acts = decoder.one_step
+    keys = decoder.keys.new_zeros((8, *decoder.keys.shape[1:]))
+    args = (*decoder.native_args, decoder.weights, acts.native(), keys, torch.zeros_like(keys))
+    with pytest.raises(RuntimeError, match="step 0 sees rows 0..5, beyond the 3 distances of the position tables"):
+        extension.forward_steps(*args, [0], [0], 5)
+    with pytest.raises(RuntimeError, match="the steps do not fit in the memory"):
+        extension.forward_steps(*args, [7], [0], 8)
+    with pytest.raises(RuntimeError, match="one start and one offset per step"):
+        extension.forward_steps(*args, [0, 1], [0, 0], 1)
