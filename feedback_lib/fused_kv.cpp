@@ -257,6 +257,15 @@ enum Act { XS, MEMS, ATT_OUTS, MIDS, HIDDENS, MEAN1, RSTD1, MEAN2, RSTD2, QUERIE
 enum Grad { G_KEYS, G_VALUES, G_X_SEQ, G_MEMS, G_WEIGHTS, G_OUTS, G_HIDDENS, G_Z2S, G_MIDS, G_QS, G_Z1S, G_QUS,
             G_SCORES, N_GRAD };
 
+// The sizes both step loops read off their buffers.
+struct Sizes {
+  int64_t n_layers, seq_len, batch, heads, d_k, d_model, width, d_ff;
+  static Sizes of(const std::vector<Tensor>& acts, const Tensor& keys, int64_t n_layers) {
+    const int64_t batch = keys.size(1), heads = keys.size(2), d_k = keys.size(3);
+    return {n_layers, acts[XS].size(0), batch, heads, d_k, heads * d_k, batch * heads * d_k, acts[HIDDENS].size(-1)};
+  }
+};
+
 // Pointer to element [i][t] of a [layer, step, ...] buffer.
 template <typename T>
 T* at_step(const Tensor& buffer, int64_t i, int64_t t) {
@@ -268,9 +277,7 @@ void forward_steps_impl(const std::vector<Tensor>& layers, const std::vector<dou
                         const std::vector<Tensor>& memory_proj, const Tensor& weights, const std::vector<Tensor>& acts,
                         const Tensor& keys, const Tensor& values, const std::vector<int64_t>& starts,
                         const std::vector<int64_t>& offsets, int64_t n_prefix) {
-  const int64_t n_layers = layers.size() / N_FWD, seq_len = acts[XS].size(0);
-  const int64_t batch = keys.size(1), heads = keys.size(2), d_k = keys.size(3), d_model = heads * d_k;
-  const int64_t width = batch * d_model, d_ff = acts[HIDDENS].size(-1);
+  const auto [n_layers, seq_len, batch, heads, d_k, d_model, width, d_ff] = Sizes::of(acts, keys, layers.size() / N_FWD);
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(d_k)));
   const Tensor weights_c = weights.contiguous();
   const T* w = weights_c.data_ptr<T>();
@@ -365,9 +372,7 @@ void backward_steps_impl(const std::vector<Tensor>& layers, const std::vector<Te
                          const Tensor& weights, const std::vector<Tensor>& acts, const Tensor& keys,
                          const Tensor& values, const std::vector<Tensor>& grads, const Tensor& grad_out,
                          const std::vector<int64_t>& starts, const std::vector<int64_t>& offsets, int64_t n_prefix) {
-  const int64_t n_layers = layers.size() / N_BWD, seq_len = acts[XS].size(0);
-  const int64_t batch = keys.size(1), heads = keys.size(2), d_k = keys.size(3), d_model = heads * d_k;
-  const int64_t width = batch * d_model, d_ff = acts[HIDDENS].size(-1);
+  const auto [n_layers, seq_len, batch, heads, d_k, d_model, width, d_ff] = Sizes::of(acts, keys, layers.size() / N_BWD);
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(d_k)));
   const Tensor weights_c = weights.contiguous();
   const T* w = weights_c.data_ptr<T>();
