@@ -116,9 +116,10 @@ class Linear:
         return torch.addmm(self.bias, x, self.weight.t())
 
     def native(self) -> list[torch.Tensor]:
-        """``[weight, packed weight, bias]`` for ``fused_kv.cpp``, an empty tensor for what is missing."""
-        empty = self.weight.new_empty(0)
-        return [self.weight, empty if self.packed is None else self.packed, empty if self.bias is None else self.bias]
+        """``[weight, packed weight]`` and the bias if there is one, for ``fused_kv.cpp`` (an empty
+        tensor stands for no packing)."""
+        packed = self.weight.new_empty(0) if self.packed is None else self.packed
+        return [self.weight, packed] + ([] if self.bias is None else [self.bias])
 
 
 class BufferPool:
@@ -220,7 +221,7 @@ class Layer:
 
     def native(self) -> list[torch.Tensor]:
         """The tensors in the order of ``enum Fwd`` in ``fused_kv.cpp``."""
-        return [*self.norm_attn[:2], *self.query.native()[:2], self.query_pos_bias, self.key_pos_emb,
+        return [*self.norm_attn[:2], *self.query.native(), self.query_pos_bias, self.key_pos_emb,
                 self.key_pos_bias, *self.output.native(), *self.norm_ff[:2], *self.ff1.native(), *self.ff2.native()]
 
 
@@ -238,8 +239,8 @@ class TransposedLayer:
 
     def native(self) -> list[torch.Tensor]:
         """The tensors in the order of ``enum Bwd`` in ``fused_kv.cpp``."""
-        return [*self.norm_attn[:2], *self.query_t.native()[:2], self.key_pos_emb_t, *self.output_t.native()[:2],
-                *self.norm_ff[:2], *self.ff1_t.native()[:2], *self.ff2_t.native()[:2]]
+        return [*self.norm_attn[:2], *self.query_t.native(), self.key_pos_emb_t, *self.output_t.native(),
+                *self.norm_ff[:2], *self.ff1_t.native(), *self.ff2_t.native()]
 
 
 def step_spans(spec: LoopSpec, n_prefix: int, seq_len: int) -> list[tuple[int, int, int]]:
@@ -283,6 +284,7 @@ class Activations:
         spans = step_spans(spec, n_prefix, seq_len)
         if attn_rows is None:
             attn_rows = spans[-1][2] + spans[-1][1] - spans[-1][0]
+
         def new(*shape: int) -> torch.Tensor:
             return POOL.empty(shape, x_seq)
 
@@ -300,12 +302,16 @@ class Activations:
         return [self.xs, self.mems, self.att_outs, self.mids, self.hiddens, self.mean1, self.rstd1, self.mean2,
                 self.rstd2, self.queries, self.scaled, self.attn]
 
+    def native_spans(self) -> tuple[list[int], list[int], int]:
+        """The spans as ``fused_kv.cpp`` takes them: per-step starts and offsets, and ``n_prefix``."""
+        return [s for s, _, _ in self.spans], [o for _, _, o in self.spans], self.spans[0][1]
+
 
 def native_forward_args(layers: list[Layer], memory_proj: tuple[Linear, Linear]) -> tuple[list, list, list]:
     """The layers and memory projections as ``fused_kv.cpp``'s ``forward_steps`` takes them."""
     return ([t for layer in layers for t in layer.native()],
             [eps for layer in layers for eps in (layer.norm_attn[2], layer.norm_ff[2])],
-            [*memory_proj[0].native()[:2], *memory_proj[1].native()[:2]])
+            [t for linear in memory_proj for t in linear.native()])
 
 
 def forward_steps(spec: LoopSpec, layers: list[Layer], memory_proj: tuple[Linear, Linear], weights: torch.Tensor,
@@ -322,8 +328,7 @@ def forward_steps(spec: LoopSpec, layers: list[Layer], memory_proj: tuple[Linear
         run_steps(spec, layers, memory_proj, weights, acts, keys, values)
         return
     layer_args, eps, memory_args = native_args or native_forward_args(layers, memory_proj)
-    extension.forward_steps(layer_args, eps, memory_args, weights, acts.native(), keys, values,
-                            [s for s, _, _ in acts.spans], [o for _, _, o in acts.spans], acts.spans[0][1])
+    extension.forward_steps(layer_args, eps, memory_args, weights, acts.native(), keys, values, *acts.native_spans())
 
 
 def run_steps(spec: LoopSpec, layers: list[Layer], memory_proj: tuple[Linear, Linear], weights: torch.Tensor,
@@ -422,11 +427,10 @@ def backward_steps(spec: LoopSpec, layers: list[TransposedLayer], memory_back: t
     if extension is None:
         run_steps_backward(spec, layers, memory_back, weights, acts, keys, values, grad_out, grads)
     else:
-        n_prefix = acts.spans[0][1]
         extension.backward_steps([t for layer in layers for t in layer.native()],
-                                 [*memory_back[0].native()[:2], *memory_back[1].native()[:2]], weights,
+                                 [t for linear in memory_back for t in linear.native()], weights,
                                  acts.native(), keys, values, grads.native(), grad_out.contiguous(),
-                                 [s for s, _, _ in acts.spans], [o for _, _, o in acts.spans], n_prefix)
+                                 *acts.native_spans())
 
 
 def run_steps_backward(spec: LoopSpec, layers: list[TransposedLayer], memory_back: tuple[Linear, Linear],
