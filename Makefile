@@ -7,6 +7,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CHAPTERS := $(wildcard book/*.ipynb)
+# Tiny Shakespeare: the shared copy next to the project, so tests and chapters never download it.
+SHAKESPEARE := $(abspath ../shared/data/tinyshakespeare.txt)
+export FEEDBACK_LIB_SHAKESPEARE ?= $(if $(wildcard $(SHAKESPEARE)),$(SHAKESPEARE))
 
 .PHONY: setup book test notebooks clean
 
@@ -28,7 +31,7 @@ test: setup
 	$(BIN)/jupyter-book build -W --keep-going .
 
 notebooks: setup
-	cd book && for nb in $(notdir $(CHAPTERS)); do ../$(BIN)/jupyter execute --inplace --timeout=1800 $$nb || exit 1; done
+	cd book && for nb in $(notdir $(CHAPTERS)); do ../$(BIN)/jupyter execute --inplace --timeout=3600 $$nb || exit 1; done
 
 clean:
 	rm -rf _build $(VENV) .pytest_cache

@@ -16,6 +16,12 @@ The language model the user calls, :class:`FeedbackLM`, is **batch-major** like 
 PyTorch's NLP code: token ids ``[batch, seq]`` in, logits ``[batch, seq, n_vocab]`` out.
 ``FeedbackLM.forward`` is the one place where the two conventions meet.
 
+Training (chapter 8) is in submodules, imported by name: ``feedback_lib.data`` (Tiny Shakespeare,
+the character tokenizer, batches), ``schedule`` (learning rate, curriculum), ``devices`` (device
+and precision), ``distributed`` (torchrun), ``checkpoint``, ``warm_start`` (the parallel twin) and
+``train`` (the loop; ``python -m feedback_lib.train --help``). Their batches are token ids
+``[batch, seq]``, as ``FeedbackLM`` takes them.
+
 Figures and interactive controls live in ``feedback_lib.plots`` and ``feedback_lib.widgets``
 (they need matplotlib and ipywidgets: ``pip install "feedback_lib[book]"``). The environment
 variable ``FEEDBACK_LIB_FAST=1`` switches the book's experiments to small sizes

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from feedback_lib.checks import check_tensor
+from feedback_lib.checks import check_positive_int, check_tensor
 
 
 def check_sampling(temperature: float, top_k: int | None, generator: torch.Generator | None = None) -> None:
@@ -43,3 +43,24 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)                                             # [batch, n_vocab]
     return torch.multinomial(probs, 1, generator=generator)                           # [batch, 1]
+
+
+def generate_by_rereading(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, context: int,
+                          temperature: float = 1.0, top_k: int | None = None,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue ``prompt [batch, seq]`` with a parallel model that re-reads its context for every
+    new token: ``model.logits`` runs on the last ``context`` tokens and the last position's logits
+    pick the next token. Returns ``[batch, seq + max_new_tokens]``; runs in eval mode and restores
+    the previous mode. (The feedback model instead steps over its cached memory.)"""
+    check_positive_int("max_new_tokens", max_new_tokens)
+    check_sampling(temperature, top_k, generator)
+    was_training = model.training
+    model.eval()
+    try:
+        tokens = prompt
+        for _ in range(max_new_tokens):
+            logits = model.logits(tokens[:, -context:])[:, -1]                     # [batch, n_vocab]
+            tokens = torch.cat([tokens, sample_next_token(logits, temperature, top_k, generator)], dim=1)
+    finally:
+        model.train(was_training)
+    return tokens

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from feedback_lib.checks import check_positive_int, check_probability, check_token_ids
-from feedback_lib.generation import check_sampling, sample_next_token
+from feedback_lib.generation import generate_by_rereading
 
 
 class ParallelLM(nn.Module):
@@ -70,15 +70,4 @@ class ParallelLM(nn.Module):
         """Continue ``prompt [batch, seq]`` by ``max_new_tokens`` tokens, re-reading the context
         (the last ``max_len`` tokens) for each one; same sampling options as ``FeedbackLM.generate``."""
         check_token_ids("prompt", prompt, self.n_vocab, self.head.weight.device)
-        check_positive_int("max_new_tokens", max_new_tokens)
-        check_sampling(temperature, top_k, generator)
-        was_training = self.training
-        self.eval()
-        try:
-            tokens = prompt
-            for _ in range(max_new_tokens):
-                logits = self.logits(tokens[:, -self.max_len:])[:, -1]           # [batch, n_vocab]
-                tokens = torch.cat([tokens, sample_next_token(logits, temperature, top_k, generator)], dim=1)
-        finally:
-            self.train(was_training)
-        return tokens
+        return generate_by_rereading(self, prompt, max_new_tokens, self.max_len, temperature, top_k, generator)

@@ -1,4 +1,4 @@
-"""Figures of the book, drawn with matplotlib (chapters 1 to 7).
+"""Figures of the book, drawn with matplotlib (chapters 1 to 8).
 
 Every function draws with pyplot and returns the figure, so a notebook shows it once, inline.
 """
@@ -290,5 +290,40 @@ def plot_throughput(results: Sequence, *, reference: str | None = None) -> Figur
                 ax.text(v, y, f" {v:.0f}" if v >= 10 else f" {v:.1f}", va="center", fontsize=8)
         ax.grid(alpha=0.3, axis="x", which="both")
     axes[0].invert_yaxis()
+    fig.tight_layout()
+    return fig
+
+
+def plot_training(runs: dict, *, target: float | None = None, x: str = "minutes") -> Figure:
+    """Validation loss of several training runs (chapter 8): ``runs`` maps a label to a
+    :class:`~feedback_lib.train.History`. Left: validation loss (nats per character) against
+    training time (``x="minutes"``) or tokens (``x="tokens"``); right: the training loss per step
+    (a running mean over 20 steps) against tokens. ``target``: a dashed line at that loss."""
+    if x not in ("minutes", "tokens"):
+        raise ValueError(f"x must be 'minutes' or 'tokens', got {x!r}")
+    if not runs:
+        raise ValueError("runs must map at least one label to a History")
+    fig, (ax_val, ax_train) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for label, h in runs.items():
+        along = np.array(h.val_seconds) / 60 if x == "minutes" else np.array(h.val_tokens) / 1e6
+        line, = ax_val.plot(along, h.val_loss, marker="o", ms=3, label=label)
+        if h.loss:
+            window = min(20, len(h.loss))
+            smooth = np.convolve(h.loss, np.ones(window) / window, mode="valid")
+            ax_train.plot(np.array(h.tokens[window - 1:]) / 1e6, smooth, color=line.get_color(), label=label)
+    for ax in (ax_val, ax_train):
+        if target is not None:
+            ax.axhline(target, color="gray", ls="--", lw=1)
+        ax.set_ylabel("loss (nats per character)")
+        ax.grid(alpha=0.3)
+    ax_val.set_xlabel("training time (minutes)" if x == "minutes" else "tokens (millions)")
+    ax_val.set_title("validation loss")
+    ax_train.set_xlabel("tokens (millions)")
+    ax_train.set_title("training loss (running mean of 20 steps)")
+    ax_val.legend(fontsize=8)
+    lows = [min(h.val_loss) for h in runs.values()]
+    ax_val.set_ylim(min(lows + ([target] if target else [])) - 0.1, max(lows) + 1.2)
+    train_lows = [min(line.get_ydata()) for line in ax_train.get_lines()] or lows
+    ax_train.set_ylim(min(train_lows) - 0.1, ax_val.get_ylim()[1])
     fig.tight_layout()
     return fig
