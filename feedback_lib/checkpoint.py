@@ -40,7 +40,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:      # a truncated file, another format, or objects weights_only refuses
+        raise ValueError(f"{str(path)!r} could not be read as a checkpoint with weights_only=True: {error}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a feedback_lib training checkpoint (format {FORMAT})")
     return state

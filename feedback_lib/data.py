@@ -59,7 +59,12 @@ def download(url: str, dest: str | os.PathLike, sha256: str, *, progress: bool =
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+        try:
+            response = urllib.request.urlopen(url, timeout=60)
+        except OSError as error:    # URLError, timeouts, refused connections
+            raise OSError(f"could not download {url} ({error}); without a network, give a local copy "
+                          f"with a path or ${PATH_ENV}") from None
+        with os.fdopen(fd, "wb") as out, response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
                 for block in iter(lambda: response.read(1 << 16), b""):
@@ -129,6 +134,8 @@ class CharTokenizer:
     @classmethod
     def fit(cls, text: str) -> "CharTokenizer":
         """The tokenizer whose vocabulary is the characters of ``text``."""
+        if not isinstance(text, str) or not text:
+            raise ValueError("CharTokenizer.fit needs a non-empty text")
         return cls("".join(sorted(set(text))))
 
     @property
@@ -160,7 +167,7 @@ def split_ids(ids: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch.Tenso
     return ids[:cut], ids[cut:]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BatchSampler:
     """Random windows of a token sequence, the same for a given ``(seed, step)`` wherever drawn.
 

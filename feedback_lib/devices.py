@@ -26,6 +26,9 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but torch.cuda.is_available() is False "
                          f"(in Colab: Runtime > Change runtime type > GPU)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} was asked for but this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {name!r} was asked for but this machine has no Apple MPS backend")
     if device.type not in ("cpu", "cuda", "mps"):
@@ -69,7 +72,8 @@ def pick_precision(device: torch.device, name: str = "auto") -> Precision:
     if name == "auto":
         if device.type != "cuda":
             return Precision(device.type, None)
-        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # including_emulation=False: a T4 (sm_75) only emulates bfloat16, slowly; it gets float16.
+        name = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if name == "fp16" and device.type != "cuda":
         raise ValueError(f"precision 'fp16' needs a CUDA device, got {device}; use 'fp32' (or 'bf16' on the CPU)")
     if name != "fp32" and device.type == "mps":

@@ -49,8 +49,8 @@ class Distributed:
 
 
 def start(device: torch.device) -> tuple[Distributed, torch.device]:
-    """Join the process group when launched by torchrun; returns this process's place and device
-    (on CUDA, GPU ``LOCAL_RANK``)."""
+    """Join the process group when launched by torchrun; returns this process's place and device.
+    On CUDA each process uses GPU ``LOCAL_RANK`` (an explicit ``cuda:N`` only names the device type)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Distributed(), device

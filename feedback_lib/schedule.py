@@ -54,15 +54,13 @@ class Curriculum:
     @classmethod
     def parse(cls, text: str) -> "Curriculum":
         """Read ``"seq_len:fraction,seq_len:fraction,..."``; a single number is a fixed length."""
+        parts = [part.split(":") for part in str(text).split(",")] if ":" in str(text) else [[str(text), "1"]]
         try:
-            if ":" not in text:
-                return cls(((int(text), 1.0),))
-            return cls(tuple((int(a), float(b)) for a, b in (part.split(":") for part in text.split(","))))
-        except ValueError as e:
-            if "curriculum" in str(e) or "must" in str(e):
-                raise
+            stages = tuple((int(a), float(b)) for a, b in parts)
+        except ValueError:   # also a part without exactly one ':'
             raise ValueError(f"a curriculum is written seq_len:fraction,... such as '32:0.25,64:0.25,128:0.5'; "
                              f"got {text!r}") from None
+        return cls(stages)
 
     @property
     def longest(self) -> int:

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from feedback_lib import distributed
+from feedback_lib.checks import check_positive_int, check_probability
 from feedback_lib.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from feedback_lib.data import BatchSampler, CharTokenizer, load_shakespeare, split_ids
 from feedback_lib.devices import PRECISIONS, Precision, configure_backends, pick_device, pick_precision
@@ -90,14 +91,25 @@ class TrainConfig:
             raise ValueError(f"model must be one of {MODEL_KINDS}, got {self.model!r}")
         for name in ("d_model", "heads", "n_layers", "d_ff", "seq_len", "batch_tokens", "steps", "eval_every",
                      "eval_windows"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("warmup_steps", "checkpoint_every", "seed"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.lr <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("lr must be > 0, and grad_clip and weight_decay >= 0")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name, low, high in (("lr", 0, math.inf), ("grad_clip", 0, math.inf), ("weight_decay", 0, math.inf),
+                                ("min_lr_ratio", 0, 1), ("val_fraction", 0, 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+                    or not math.isfinite(value) or (name in ("lr", "val_fraction") and value == 0) \
+                    or (name == "val_fraction" and value == 1):
+                bounds = {"lr": "> 0", "val_fraction": "in (0, 1)", "min_lr_ratio": "in [0, 1]"}.get(name, ">= 0")
+                raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")
+        check_probability("dropout", self.dropout)
+        if self.mem_len is not None:
+            check_positive_int("mem_len", self.mem_len)
+            if self.model == "parallel":
+                raise ValueError("mem_len applies to the feedback and twin models; the parallel model attends "
+                                 "to its whole context (leave mem_len unset)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.resume and not self.checkpoint:
@@ -141,15 +153,13 @@ class History:
 
     def then(self, later: "History") -> "History":
         """One history of two consecutive runs (a warm start's two stages): ``later``'s steps,
-        tokens and seconds continue from the end of this one."""
+        tokens and seconds (also those of its validations) continue from the end of this one."""
         offsets = dict(step=self.step[-1] if self.step else 0, tokens=self.tokens[-1] if self.tokens else 0,
                        seconds=self.seconds[-1] if self.seconds else 0.0)
         joined = {}
         for f in dataclasses.fields(self):
-            offset = offsets.get(f.name.removeprefix("val_"), 0) if f.name != "val_loss" else 0
+            offset = offsets.get(f.name.removeprefix("val_"), 0)    # 0 for losses, lr and seq_len
             joined[f.name] = getattr(self, f.name) + [v + offset for v in getattr(later, f.name)]
-        for name in ("lr", "loss", "seq_len"):
-            joined[name] = getattr(self, name) + getattr(later, name)
         return History(**joined)
 
     def tokens_per_second(self, last: int = 50) -> float:
@@ -176,7 +186,7 @@ class TrainResult:
     def sample(self, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = None,
                seed: int = 0) -> str:
         """Text continuing ``prompt`` (sampled with ``temperature`` and ``top_k``, reproducible from ``seed``)."""
-        device = self.model.generator.weight.device if hasattr(self.model, "generator") else self.model.head.weight.device
+        device = next(self.model.parameters()).device
         ids = self.tokenizer.encode(prompt)[None].to(device)
         generator = torch.Generator(device=device).manual_seed(seed)
         out = self.model.generate(ids, max_new_tokens, temperature, top_k, generator=generator)
@@ -210,10 +220,12 @@ def load_weights(model: nn.Module, kind: str, model_config: dict, state: dict) -
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on every parameter with two or more dimensions (matrices, embeddings, position
-    tables); none on biases, LayerNorm gains and the memory's layer mixture."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
+    """Weight decay on the matrices (linear maps, embeddings, the key position embeddings ``U^K``);
+    none on biases (also ``U^Q``, ``query_pos_bias``, and ``S``, ``key_pos_bias``), LayerNorm gains
+    and the memory's layer mixture."""
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and not name.endswith("bias") else rest).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -306,6 +318,8 @@ def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
     windows = BatchSampler(val_ids).windows(curriculum.longest, config.eval_windows)
     if config.eval_windows % place.world_size:
         raise ValueError(f"eval_windows={config.eval_windows} does not split evenly over {place.world_size} processes")
+    for seq_len, _ in curriculum.stages:
+        place.rows(config.batch_tokens // seq_len)          # every stage's global batch must split evenly
 
     torch.manual_seed(config.seed)
     model_config = config.model_config(tokenizer.n_vocab)
@@ -330,6 +344,8 @@ def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
         torch.set_rng_state(state["rng"]["cpu"])
         if device.type == "cuda" and state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        if device.type == "mps" and state["rng"].get("mps") is not None:
+            torch.mps.set_rng_state(state["rng"]["mps"])
     elif config.init_from:
         state = load_checkpoint(config.init_from)
         _check_tokenizer(state, tokenizer, config.init_from)
@@ -343,7 +359,8 @@ def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
             tokenizer=tokenizer.chars, model=model.state_dict(), optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=step,
             rng=dict(cpu=torch.get_rng_state(),
-                     cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
+                     cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                     mps=torch.mps.get_rng_state() if device.type == "mps" else None),
             history=dataclasses.asdict(history)))
 
     wrapped = model
@@ -370,7 +387,7 @@ def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
         for step in range(start, config.steps):
             began = time.perf_counter()
             seq_len = curriculum.seq_len(step, config.steps)
-            batch = max(place.world_size, config.batch_tokens // seq_len // place.world_size * place.world_size)
+            batch = config.batch_tokens // seq_len
             x, y = sampler.batch(step, batch, seq_len, place.rows(batch))
             lr = scheduler.get_last_lr()[0]
             loss = train_step(wrapped, optimizer, scheduler, scaler, precision, config.grad_clip,

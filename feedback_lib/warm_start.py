@@ -37,7 +37,7 @@ class ParallelTwinLM(nn.Module):
     Takes the same arguments as :class:`~feedback_lib.FeedbackLM` (always with shared keys and
     values) and has the same parameter names, less ``transformer.weights``. Shapes: token ids
     ``[batch, seq]`` in, logits ``[batch, seq, n_vocab]`` out; ``seq`` is at most
-    ``MAX_POSITIONS + 1``.
+    ``MAX_POSITIONS`` (the longest distance, ``seq - 1``, must have a position-table row).
     """
 
     def __init__(self, n_vocab: int, *, d_model: int, heads: int, n_layers: int, d_ff: int,
@@ -53,9 +53,9 @@ class ParallelTwinLM(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, seq, n_vocab]``; position ``t`` sees tokens ``0..t`` only."""
         check_token_ids("tokens", tokens, self.n_vocab, self.generator.weight.device)
-        if tokens.shape[1] > MAX_POSITIONS + 1:
-            raise ValueError(f"tokens has {tokens.shape[1]} positions; the relative positions reach back at "
-                             f"most {MAX_POSITIONS} steps, so at most {MAX_POSITIONS + 1} positions fit")
+        if tokens.shape[1] > MAX_POSITIONS:
+            raise ValueError(f"tokens has {tokens.shape[1]} positions; the twin takes at most {MAX_POSITIONS} "
+                             f"(one position-table row per distance)")
         return self.logits(tokens)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -109,10 +109,10 @@ class ParallelTwinLM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue ``prompt [batch, seq]``, re-reading the context (the last ``MAX_POSITIONS + 1``
+        """Continue ``prompt [batch, seq]``, re-reading the context (the last ``MAX_POSITIONS``
         tokens) for every new token; the options of ``FeedbackLM.generate``."""
         check_token_ids("prompt", prompt, self.n_vocab, self.generator.weight.device)
-        return generate_by_rereading(self, prompt, max_new_tokens, MAX_POSITIONS + 1, temperature, top_k, generator)
+        return generate_by_rereading(self, prompt, max_new_tokens, MAX_POSITIONS, temperature, top_k, generator)
 
 
 def load_twin_weights(lm: FeedbackLM, twin_state: dict) -> None:

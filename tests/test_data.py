@@ -93,6 +93,16 @@ def test_a_bad_download_is_never_kept(tmp_path, monkeypatch):
         data.shakespeare_path(download_missing=False)
 
 
+def test_no_network_is_a_clear_error(tmp_path, monkeypatch):
+    def urlopen(url, timeout):
+        raise data.urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    with pytest.raises(OSError, match="could not download .*FEEDBACK_LIB_SHAKESPEARE"):
+        data.download("http://example.invalid/x", tmp_path / "x.txt", "0" * 64, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_download_checks_the_sha256_it_is_given(tmp_path, monkeypatch):
     payload = b"hello"
     fake_download(monkeypatch, payload)
@@ -119,6 +129,8 @@ def test_tokenizer_errors_name_the_problem():
         tok.decode([0, 5])
     with pytest.raises(ValueError, match="distinct"):
         data.CharTokenizer("aa")
+    with pytest.raises(ValueError, match="needs a non-empty text"):
+        data.CharTokenizer.fit("")
 
 
 def test_split_is_in_text_order():

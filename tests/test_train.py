@@ -55,6 +55,16 @@ def test_config_errors_name_the_setting():
         TrainConfig(resume=True)
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got nan"):
+        TrainConfig(lr=float("nan"))
+    with pytest.raises(ValueError, match="min_lr_ratio must be a finite number in"):
+        TrainConfig(min_lr_ratio=2.0)
+    with pytest.raises(ValueError, match=r"val_fraction must be a finite number in \(0, 1\)"):
+        TrainConfig(val_fraction=1.0)
+    with pytest.raises(ValueError, match="dropout must be a probability"):
+        TrainConfig(dropout=1.5)
+    with pytest.raises(ValueError, match="mem_len applies to the feedback and twin models"):
+        TrainConfig(model="parallel", mem_len=64)
     with pytest.raises(TypeError, match="config must be a TrainConfig"):
         train({"steps": 3})
 
@@ -105,8 +115,11 @@ def test_checkpoint_is_atomic_and_loads_with_weights_only(tmp_path):
         checkpoint.save_checkpoint(path, {"model": {}})
     assert torch.load(path, weights_only=True)["step"] == 6              # the failed save left it intact
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="junk.pt' could not be read as a checkpoint"):
         checkpoint.load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"format": 99}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a feedback_lib training checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoint.load_checkpoint(tmp_path / "missing.pt")
 
@@ -223,6 +236,22 @@ def test_two_processes_follow_the_single_process_run(tmp_path):
     torch.testing.assert_close(torch.tensor(double.val_loss), torch.tensor(single.val_loss), rtol=1e-4, atol=1e-5)
 
 
+def test_the_twin_uses_every_row_of_its_position_tables():
+    """At the longest sequence the tables allow (one row per distance 1..seq-1 plus one unused), the
+    twin's gather stays in bounds; here with tables cut to 8 rows and sequences of 8."""
+    twin = ParallelTwinLM(11, d_model=16, heads=2, n_layers=1, d_ff=32)
+    attn = twin.transformer.layers[0].attn
+    attn.key_pos_embeddings = torch.nn.Parameter(torch.randn(8, 2, 8))
+    attn.key_pos_bias = torch.nn.Parameter(torch.randn(8, 2))
+    assert torch.isfinite(twin.logits(torch.randint(11, (2, 8)))).all()
+
+
+def test_uneven_global_batches_are_refused():
+    from feedback_lib.distributed import Distributed
+    assert Distributed(1, 2).rows(16) == slice(8, 16)
+    with pytest.raises(ValueError, match="16 rows does not split evenly over 3 processes"):
+        Distributed(0, 3).rows(16)
+
 
 def test_histories_of_two_stages_join():
     first = History(step=[1, 2], tokens=[10, 20], seconds=[1.0, 2.0], loss=[3.0, 2.5], lr=[0.1, 0.1], seq_len=[8, 8],
@@ -251,8 +280,8 @@ def test_twin_and_warm_start_errors_name_the_problem():
     twin = ParallelTwinLM(11, d_model=16, heads=2, n_layers=1, d_ff=32)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         twin(torch.full((1, 4), 11))
-    with pytest.raises(ValueError, match="at most 4097 positions"):
-        twin(torch.zeros(1, 4098, dtype=torch.long))
+    with pytest.raises(ValueError, match="the twin takes at most 4096"):
+        twin(torch.zeros(1, 4097, dtype=torch.long))
     with pytest.raises(TypeError, match="must be a ParallelTwinLM"):
         feedback_from_twin(FeedbackLM(11, d_model=16, heads=2, n_layers=1, d_ff=32))
     with pytest.raises(TypeError, match="shared_kv=True"):
