@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -34,6 +35,8 @@ import torch
 from torch import nn
 
 from feedback_lib import native
+from feedback_lib.checks import check_positive_int
+from feedback_lib.generation import generate_stepwise, rereading_step
 from feedback_lib.lm import FeedbackLM
 from feedback_lib.parallel import ParallelLM
 
@@ -138,10 +141,7 @@ def labml_contenders(config: BenchConfig) -> list[Contender]:
 def _rerun_prefix(logits: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, int], torch.Tensor]:
     @torch.no_grad()
     def generate(prompt: torch.Tensor, n: int) -> torch.Tensor:
-        tokens = prompt
-        for _ in range(n):
-            tokens = torch.cat([tokens, logits(tokens)[:, -1:].argmax(-1)], dim=1)
-        return tokens
+        return generate_stepwise(rereading_step(logits, prompt.shape[1] + n), prompt, n, temperature=0)
     return generate
 
 
@@ -232,6 +232,31 @@ def time_generation(contender: Contender, config: BenchConfig) -> float:
         contender.generate(prompt, config.gen_tokens)
         _sync(config.device)
         return config.gen_tokens / (time.perf_counter() - start)
+
+
+def latency_by_position(steppers: dict[str, Callable[[], Callable[[torch.Tensor], torch.Tensor]]],
+                        tokens: torch.Tensor, repeats: int = 3) -> dict[str, list[float]]:
+    """Seconds each implementation takes to read token ``t`` of ``tokens [batch, n]`` after tokens
+    ``0..t-1``, one token per call: the per-token latency of generation at every position (chapter 9).
+
+    ``steppers`` maps a name to a function that builds a fresh step function (a step reads
+    ``ids [batch, 1]`` and returns logits), e.g. ``lambda: model.stepper(1, n, kv_cache=True)``.
+    The implementations take turns, one pass over the tokens each per repeat, and the fastest of
+    the repeats is kept for every position, so that a busy machine slows all of them alike.
+    """
+    check_positive_int("repeats", repeats)
+    n = tokens.shape[1]
+    best = {name: [math.inf] * n for name in steppers}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, make in steppers.items():
+                step = make()
+                for t in range(n):
+                    ids = tokens[:, t:t + 1]
+                    start = time.perf_counter()
+                    step(ids)
+                    best[name][t] = min(best[name][t], time.perf_counter() - start)
+    return best
 
 
 def run(config: BenchConfig, only: list[str] | None = None, generate: bool = True) -> list[Result]:

@@ -1,10 +1,13 @@
-"""Choosing the next token from logits: greedy, temperature and top-k sampling (generation chapter)."""
+"""Choosing the next token from logits: greedy, temperature and top-k sampling (chapter 9)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 
 import torch
+from torch import nn
 
 from feedback_lib.checks import check_positive_int, check_tensor
 
@@ -45,22 +48,59 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     return torch.multinomial(probs, 1, generator=generator)                           # [batch, 1]
 
 
-def generate_by_rereading(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, context: int,
-                          temperature: float = 1.0, top_k: int | None = None,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """Continue ``prompt [batch, seq]`` with a parallel model that re-reads its context for every
-    new token: ``model.logits`` runs on the last ``context`` tokens and the last position's logits
-    pick the next token. Returns ``[batch, seq + max_new_tokens]``; runs in eval mode and restores
-    the previous mode. (The feedback model instead steps over its cached memory.)"""
-    check_positive_int("max_new_tokens", max_new_tokens)
-    check_sampling(temperature, top_k, generator)
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run a block with ``model`` in eval mode (no dropout), then restore its previous mode."""
     was_training = model.training
     model.eval()
     try:
-        tokens = prompt
-        for _ in range(max_new_tokens):
-            logits = model.logits(tokens[:, -context:])[:, -1]                     # [batch, n_vocab]
-            tokens = torch.cat([tokens, sample_next_token(logits, temperature, top_k, generator)], dim=1)
+        yield
     finally:
         model.train(was_training)
-    return tokens
+
+
+def generate_stepwise(step: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor, max_new_tokens: int,
+                      temperature: float = 1.0, top_k: int | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue ``prompt [batch, seq]`` with a model that caches what it has read (chapter 9).
+
+    ``step(ids [batch, n])`` reads ``n`` more tokens after everything it read before and returns the
+    logits of the last one ``[batch, n_vocab]``: the prompt is read once, then one call per new
+    token. Returns ``[batch, seq + max_new_tokens]``.
+    """
+    check_positive_int("max_new_tokens", max_new_tokens)
+    check_sampling(temperature, top_k, generator)
+    tokens = [prompt]
+    logits = step(prompt)                                                    # [batch, n_vocab]
+    for i in range(max_new_tokens):
+        tokens.append(sample_next_token(logits, temperature, top_k, generator))    # [batch, 1]
+        if i + 1 < max_new_tokens:
+            logits = step(tokens[-1])
+    return torch.cat(tokens, dim=1)
+
+
+def rereading_step(logits: Callable[[torch.Tensor], torch.Tensor], context: int
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A step function for :func:`generate_stepwise` that caches nothing (chapter 9): it keeps the
+    tokens read so far and, at every call, runs ``logits(tokens [batch, seq]) -> [batch, seq, n_vocab]``
+    on the last ``context`` of them again, returning the last position's logits ``[batch, n_vocab]``."""
+    check_positive_int("context", context)
+    tokens: torch.Tensor | None = None
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        nonlocal tokens
+        tokens = (ids if tokens is None else torch.cat([tokens, ids], dim=1))[:, -context:]
+        return logits(tokens)[:, -1]
+
+    return step
+
+
+def generate_by_rereading(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, context: int,
+                          temperature: float = 1.0, top_k: int | None = None,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue ``prompt [batch, seq]`` with a parallel model that re-reads its context (the last
+    ``context`` tokens, through ``model.logits``) for every new token; returns
+    ``[batch, seq + max_new_tokens]``. Runs in eval mode and restores the previous mode."""
+    with eval_mode(model):
+        return generate_stepwise(rereading_step(model.logits, context), prompt, max_new_tokens,
+                                 temperature, top_k, generator)

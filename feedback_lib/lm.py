@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from feedback_lib.attention import MAX_POSITIONS, FeedbackAttention
 from feedback_lib.checks import check_bool, check_positive_int, check_probability, check_token_ids
 from feedback_lib.feed_forward import FeedForward
-from feedback_lib.generation import check_sampling, sample_next_token
+from feedback_lib.generation import check_sampling, eval_mode, generate_stepwise
 from feedback_lib.memory import FeedbackMemory
 from feedback_lib.transformer import FeedbackTransformer, FeedbackTransformerKV, FeedbackTransformerLayer
 
@@ -71,6 +73,14 @@ class FeedbackLM(nn.Module):
         """Raise a clear error unless ``tokens`` are integer ids ``[batch, seq]`` in ``[0, n_vocab)``."""
         check_token_ids(name, tokens, self.n_vocab, self.generator.weight.device)
 
+    def stepper(self, batch: int, capacity: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A step function for :func:`~feedback_lib.generation.generate_stepwise` (chapter 9):
+        ``step(ids [batch, n])`` reads ``n`` more tokens after everything read before, over the
+        cached memory (at most ``capacity`` tokens in all), and returns the last one's logits
+        ``[batch, n_vocab]``. Call it in eval mode and without gradients, as ``generate`` does."""
+        decoder = self.transformer.decoder(batch, capacity)
+        return lambda ids: self.generator(decoder.step(self.src_embed(ids.t()))[-1])
+
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -89,17 +99,6 @@ class FeedbackLM(nn.Module):
             raise ValueError(f"a prompt of {prompt.shape[1]} tokens plus max_new_tokens={max_new_tokens} needs a "
                              f"memory of {longest} steps, more than the {MAX_POSITIONS} relative positions; "
                              f"generate fewer tokens or build the model with mem_len <= {MAX_POSITIONS}")
-        was_training = self.training
-        self.eval()
-        try:
-            decoder = self.transformer.decoder(prompt.shape[0], prompt.shape[1] + max_new_tokens)
-            out = decoder.step(self.src_embed(prompt.t()))                     # [seq, batch, d_model]
-            tokens = [prompt]
-            for i in range(max_new_tokens):
-                next_token = sample_next_token(self.generator(out[-1]), temperature, top_k, generator)  # [batch, 1]
-                tokens.append(next_token)
-                if i + 1 < max_new_tokens:
-                    out = decoder.step(self.src_embed(next_token.t()))
-        finally:
-            self.train(was_training)
-        return torch.cat(tokens, dim=1)
+        with eval_mode(self):
+            step = self.stepper(prompt.shape[0], prompt.shape[1] + max_new_tokens - 1)
+            return generate_stepwise(step, prompt, max_new_tokens, temperature, top_k, generator)

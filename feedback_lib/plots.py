@@ -327,3 +327,28 @@ def plot_training(runs: dict, *, target: float | None = None, x: str = "minutes"
     ax_train.set_ylim(min(train_lows) - 0.1, ax_val.get_ylim()[1])
     fig.tight_layout()
     return fig
+
+
+def plot_latency(latency: dict[str, Sequence[float]], *, smooth: int = 16) -> Figure:
+    """Milliseconds per generated token against its position (chapter 9).
+
+    ``latency`` maps an implementation to one time in seconds per position, as
+    :func:`feedback_lib.bench.latency_by_position` returns it. Each line is the running median
+    over ``smooth`` positions (single timings of a millisecond are noisy); the y axis is logarithmic.
+    """
+    check_positive_int("smooth", smooth)
+    if not latency or len({len(v) for v in latency.values()}) != 1:
+        raise ValueError("latency must map each implementation to the same number of per-position times")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, seconds in latency.items():
+        ms = np.asarray(seconds, dtype=float) * 1e3
+        window = min(smooth, len(ms))
+        medians = np.array([np.median(ms[max(0, t - window + 1):t + 1]) for t in range(len(ms))])
+        ax.plot(np.arange(len(ms)), medians, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("position of the new token (tokens already read)")
+    ax.set_ylabel("milliseconds per token")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    return fig

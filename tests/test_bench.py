@@ -32,6 +32,28 @@ def test_reference_implementations_when_installed():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory is read from /proc")
+def test_latency_by_position_times_every_position_of_every_implementation():
+    import torch
+
+    import feedback_lib as fl
+    torch.manual_seed(0)
+    lm = fl.FeedbackLM(11, d_model=16, heads=4, n_layers=2, d_ff=32).eval()
+    parallel = fl.ParallelLM(11, d_model=16, heads=4, n_layers=2, d_ff=32, max_len=5).eval()
+    calls = []
+
+    def counting_step():
+        step = lm.stepper(1, 5)
+        return lambda ids: calls.append(ids.shape) or step(ids)
+
+    latency = bench.latency_by_position({"feedback": counting_step,
+                                         "kv": lambda: parallel.stepper(1, 5, kv_cache=True)},
+                                        torch.randint(0, 11, (1, 5)), repeats=2)
+    assert list(latency) == ["feedback", "kv"] and all(len(v) == 5 and min(v) > 0 for v in latency.values())
+    assert calls == [(1, 1)] * 10                          # one token per call, a fresh step function per repeat
+    with pytest.raises(ValueError, match="repeats must be a positive integer"):
+        bench.latency_by_position({}, torch.zeros((1, 2), dtype=torch.long), repeats=0)
+
+
 def test_memory_measurement_in_a_fresh_process():
     config = bench.BenchConfig(**{**TINY.__dict__, "seq_len": 48})
     scaling = bench.memory_scaling([48], config)

@@ -139,3 +139,12 @@ def test_scaling_and_throughput_figures():
     assert len(fig.axes) == 2
     with pytest.raises(ValueError, match="results is empty"):
         plots.plot_throughput([])
+
+
+def test_latency_figure():
+    fig = plots.plot_latency({"a": [0.002, 0.001, 0.003], "b": [0.001] * 3}, smooth=2)
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["a", "b"]
+    np.testing.assert_allclose(lines[0].get_ydata(), [2.0, 1.5, 2.0])      # running medians, in ms
+    with pytest.raises(ValueError, match="the same number of per-position times"):
+        plots.plot_latency({"a": [0.1], "b": [0.1, 0.2]})
