@@ -22,6 +22,10 @@ and precision), ``distributed`` (torchrun), ``checkpoint``, ``warm_start`` (the 
 ``train`` (the loop; ``python -m feedback_lib.train --help``). Their batches are token ids
 ``[batch, seq]``, as ``FeedbackLM`` takes them.
 
+Generation (chapter 9) uses ``feedback_lib.generation`` (sampling and the step-by-step loop) and
+``kv_cache`` (the parallel baseline's per-layer key/value cache); ``code_execution`` generates the
+paper's state-tracking task (programs over three variables, token ids ``[batch, seq]``).
+
 Figures and interactive controls live in ``feedback_lib.plots`` and ``feedback_lib.widgets``
 (they need matplotlib and ipywidgets: ``pip install "feedback_lib[book]"``). The environment
 variable ``FEEDBACK_LIB_FAST=1`` switches the book's experiments to small sizes

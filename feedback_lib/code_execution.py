@@ -1,0 +1,245 @@
+"""The paper's code-execution task: track three variables through a program, print their values.
+
+A program assigns the variables ``x``, ``y`` and ``z`` values from 1 to 10, then runs statements
+that change them: assignment (``x = 5 ;``), increment (``x ++ ;``), decrement (``x -- ;``) and
+conditionals (``if x < y : x ++ ;``, ``if x > 4 : y -- ;``). After ``print x ;`` the next token is
+``x``'s current value, and only these printed values are scored. To predict one, a model must know
+the state after every earlier statement, and a conditional's effect depends on the state when it
+ran: the kind of sequential computation a transformer of limited depth struggles with and the
+feedback memory can carry (chapter 10; Fan et al., 2020, section 4.1).
+
+Programs are deterministic from a seed; every value stays within 1 to 10 (a statement that would
+leave the range is never generated). Batches are token ids ``[batch, seq]`` as ``FeedbackLM``
+takes them, with targets of -100 (ignored by ``F.cross_entropy``) everywhere except at the positions
+that predict a printed value.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from feedback_lib.checks import check_positive_int, check_probability
+from feedback_lib.devices import pick_precision
+from feedback_lib.schedule import WarmupCosine
+from feedback_lib.train import param_groups, train_step
+
+VARIABLES = ("x", "y", "z")
+VALUES = tuple(range(1, 11))
+#: Every token of the language; ``<pad>`` fills batches of programs of different lengths.
+VOCAB = ("<pad>", *VARIABLES, *(str(v) for v in VALUES), "=", "++", "--", "if", "<", ">", ":", ";", "print")
+TOKEN_ID = {token: i for i, token in enumerate(VOCAB)}
+PAD = TOKEN_ID["<pad>"]
+#: Ids of the value tokens "1" .. "10".
+VALUE_IDS = tuple(TOKEN_ID[str(v)] for v in VALUES)
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Program:
+    """One program: its tokens, and for every printed value the index of its token."""
+
+    tokens: tuple[str, ...]
+    printed: tuple[int, ...]
+
+    def text(self) -> str:
+        """The program with one statement per line, each print followed by its value."""
+        lines, i = [], 0
+        while i < len(self.tokens):
+            end = self.tokens.index(";", i)
+            statement = " ".join(self.tokens[i:end + 1])
+            if self.tokens[i] == "print":
+                lines.append(f"{statement}    -> {self.tokens[end + 1]}")
+                end += 1
+            else:
+                lines.append(statement)
+            i = end + 1
+        return "\n".join(lines)
+
+
+def _statement(rng: random.Random, state: dict[str, int]) -> list[str]:
+    """One statement that keeps every value within 1..10 when it runs (conditionals: if it runs);
+    updates ``state``."""
+    while True:
+        kind = rng.choice(("assign", "inc", "dec", "if", "if"))
+        var = rng.choice(VARIABLES)
+        if kind == "if":
+            other = rng.choice([v for v in VARIABLES if v != var] + [str(c) for c in VALUES])
+            op = rng.choice("<>")
+            right = state[other] if other in state else int(other)
+            holds = state[var] < right if op == "<" else state[var] > right
+            body_state = dict(state)
+            body = _simple(rng, body_state)
+            if body is None:
+                continue
+            if holds:
+                state.update(body_state)
+            return ["if", var, op, other, ":", *body]
+        body = _simple(rng, state, kind)
+        if body is not None:
+            return body
+
+
+def _simple(rng: random.Random, state: dict[str, int], kind: str | None = None) -> list[str] | None:
+    """An assignment, increment or decrement (``kind``, or a random one) applied to ``state``, or
+    None if it would leave 1..10."""
+    kind = kind or rng.choice(("assign", "inc", "dec"))
+    var = rng.choice(VARIABLES)
+    if kind == "assign":
+        state[var] = rng.choice(VALUES)
+        return [var, "=", str(state[var]), ";"]
+    step = 1 if kind == "inc" else -1
+    if state[var] + step not in VALUES:
+        return None
+    state[var] += step
+    return [var, "++" if step == 1 else "--", ";"]
+
+
+def make_program(n_statements: int, seed: int, print_prob: float = 0.25) -> Program:
+    """A program of ``n_statements`` statements after the three initial assignments; each statement
+    is a ``print`` with probability ``print_prob`` (and the last one always is)."""
+    check_positive_int("n_statements", n_statements)
+    check_probability("print_prob", print_prob)
+    rng = random.Random(seed)
+    state = {v: rng.choice(VALUES) for v in VARIABLES}
+    tokens = [t for v in VARIABLES for t in (v, "=", str(state[v]), ";")]
+    printed = []
+    for i in range(n_statements):
+        if i == n_statements - 1 or rng.random() < print_prob:
+            var = rng.choice(VARIABLES)
+            tokens += ["print", var, ";", str(state[var])]
+            printed.append(len(tokens) - 1)
+        else:
+            tokens += _statement(rng, state)
+    return Program(tuple(tokens), tuple(printed))
+
+
+def run_program(tokens: tuple[str, ...] | list[str]) -> list[int]:
+    """An interpreter, independent of the generator: the values the program's prints must show."""
+    state, out, i = {}, [], 0
+    while i < len(tokens):
+        if tokens[i] == "print":
+            out.append(state[tokens[i + 1]])
+            i += 4
+            continue
+        run = True
+        if tokens[i] == "if":
+            var, op, other = tokens[i + 1:i + 4]
+            right = state[other] if other in state else int(other)
+            run = state[var] < right if op == "<" else state[var] > right
+            i += 5
+        var, op = tokens[i], tokens[i + 1]
+        if op == "=":
+            if run:
+                state[var] = int(tokens[i + 2])
+            i += 4
+        else:
+            if run:
+                state[var] += 1 if op == "++" else -1
+            i += 3
+    return out
+
+
+#: Seeds of held-out programs start here; training seeds stay below it.
+HELD_OUT_SEED = 10 ** 9
+
+
+def batch(n_programs: int, n_statements: int, first_seed: int, print_prob: float = 0.25, *,
+          vary_length: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets ``[n_programs, seq]`` for programs ``first_seed, first_seed + 1, ...``.
+
+    The input is the program without its last token, the target the program shifted by one, with
+    -100 except where the next token is a printed value; shorter programs are padded at the end.
+    With ``vary_length`` program ``s`` has between 1 and ``n_statements`` statements (drawn from
+    its seed), so that training also sees short programs, where a value is easy to look up.
+    """
+    check_positive_int("n_programs", n_programs)
+    check_positive_int("n_statements", n_statements)
+    seeds = range(first_seed, first_seed + n_programs)
+    lengths = [random.Random(-s).randint(1, n_statements) if vary_length else n_statements for s in seeds]
+    programs = [make_program(n, s, print_prob) for n, s in zip(lengths, seeds)]
+    longest = max(len(p.tokens) for p in programs)
+    ids = torch.full((n_programs, longest), PAD, dtype=torch.long)
+    targets = torch.full((n_programs, longest), IGNORE, dtype=torch.long)
+    for row, program in enumerate(programs):
+        ids[row, :len(program.tokens)] = torch.tensor([TOKEN_ID[t] for t in program.tokens])
+        for i in program.printed:
+            targets[row, i] = ids[row, i]
+    return ids[:, :-1], targets[:, 1:]
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, n_programs: int, n_statements: int, seed: int = HELD_OUT_SEED,
+             print_prob: float = 0.25, chunk: int = 64) -> float:
+    """The share of printed values of ``n_programs`` held-out programs that the model predicts
+    (the argmax over the whole vocabulary equals the value), in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for start in range(0, n_programs, chunk):
+            x, y = batch(min(chunk, n_programs - start), n_statements, seed + start, print_prob)
+            scored = y != IGNORE
+            predicted = model(x).argmax(-1)                                    # [batch, seq]
+            correct += (predicted[scored] == y[scored]).sum().item()
+            total += scored.sum().item()
+    finally:
+        model.train(was_training)
+    return correct / total
+
+
+@dataclass
+class TaskHistory:
+    """Loss per step, held-out accuracy at each evaluation, training seconds (chapter 10)."""
+
+    loss: list[float] = field(default_factory=list)
+    eval_step: list[int] = field(default_factory=list)
+    eval_accuracy: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fit(model: nn.Module, *, steps: int, batch_size: int, n_statements: int, lr: float = 3e-3,
+        warmup_steps: int = 100, weight_decay: float = 0.1, grad_clip: float = 1.0, print_prob: float = 0.5,
+        eval_every: int = 100, eval_programs: int = 256, seed: int = 0) -> TaskHistory:
+    """Train ``model`` (a language model over :data:`VOCAB`) on programs of 1 to ``n_statements``
+    statements that print with probability ``print_prob`` (more prints, more signal), with the
+    training loop's own pieces (AdamW on :func:`~feedback_lib.train.param_groups`, warmup then
+    cosine decay, clipping, :func:`~feedback_lib.train.train_step`), on the CPU in float32.
+    Step ``s`` trains on programs ``seed + s * batch_size, ...``; accuracy is measured on held-out
+    programs of exactly ``n_statements`` statements every ``eval_every`` steps and at the end."""
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every)):
+        check_positive_int(name, value)
+    if seed + steps * batch_size >= HELD_OUT_SEED:
+        raise ValueError(f"training seeds would reach the held-out programs (seed {HELD_OUT_SEED} on)")
+    precision = pick_precision(torch.device("cpu"), "fp32")
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(min(warmup_steps, steps), steps))
+    scaler = precision.scaler()
+    history = TaskHistory()
+    model.train()
+    for step in range(steps):
+        x, y = batch(batch_size, n_statements, seed + step * batch_size, print_prob, vary_length=True)
+        began = time.perf_counter()
+        loss = train_step(model, optimizer, scheduler, scaler, precision, grad_clip, x, y).item()
+        history.seconds += time.perf_counter() - began
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss} at step {step}; lower lr (now {lr})")
+        history.loss.append(loss)
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            history.eval_step.append(step + 1)
+            history.eval_accuracy.append(accuracy(model, eval_programs, n_statements))
+    model.eval()
+    return history
+
+
+def chance_accuracy(n_programs: int, n_statements: int, seed: int = HELD_OUT_SEED) -> float:
+    """The accuracy of always answering the most frequent printed value (a floor for the models)."""
+    _, y = batch(n_programs, n_statements, seed)
+    values = y[y != IGNORE]
+    return torch.bincount(values).max().item() / len(values)
+

@@ -1,0 +1,98 @@
+"""The code-execution task: programs, their interpreter, batches, accuracy and the training helper."""
+
+import pytest
+import torch
+
+import feedback_lib as fl
+from feedback_lib import code_execution as ce
+
+
+def test_programs_are_deterministic_and_stay_in_range():
+    assert ce.make_program(20, 7) == ce.make_program(20, 7)
+    assert ce.make_program(20, 7) != ce.make_program(20, 8)
+    for seed in range(200):
+        program = ce.make_program(30, seed)
+        numbers = [int(t) for t in program.tokens if t.isdigit()]
+        assert numbers and all(1 <= v <= 10 for v in numbers)
+        assert program.tokens[program.printed[-1] - 3] == "print"       # the last statement prints
+
+
+def test_an_independent_interpreter_agrees_with_every_printed_value():
+    for n in (1, 5, 30):
+        for seed in range(300):
+            program = ce.make_program(n, seed)
+            assert ce.run_program(program.tokens) == [int(program.tokens[i]) for i in program.printed]
+
+
+def test_every_statement_kind_occurs():
+    tokens = [t for seed in range(50) for t in ce.make_program(20, seed).tokens]
+    for token in ("=", "++", "--", "if", "<", ">", ":", "print"):
+        assert token in tokens
+
+
+def test_text_shows_one_statement_per_line():
+    program = ce.make_program(6, 3)
+    lines = program.text().splitlines()
+    assert lines[:3] == [" ".join(program.tokens[i:i + 4]) for i in (0, 4, 8)]
+    printed = [line for line in lines if line.startswith("print")]
+    assert [line.split("-> ")[1] for line in printed] == [program.tokens[i] for i in program.printed]
+
+
+def test_batches_score_only_the_printed_values():
+    x, y = ce.batch(5, 12, first_seed=40)
+    assert x.shape == y.shape and x.dtype == y.dtype == torch.long
+    for row in range(5):
+        program = ce.make_program(12, 40 + row)
+        scored = (y[row] != ce.IGNORE).nonzero()[:, 0]
+        assert (scored + 1).tolist() == list(program.printed)
+        assert all(ce.VOCAB[y[row, i]] == program.tokens[i + 1] for i in scored.tolist())
+        inputs = [ce.VOCAB[i] for i in x[row].tolist()]
+        n = len(program.tokens)                  # the input drops the last column of the padded batch
+        assert inputs[:n] == list(program.tokens[:x.shape[1]]) and set(inputs[n:]) <= {"<pad>"}
+
+
+def test_varied_lengths_are_deterministic_and_bounded():
+    x, y = ce.batch(40, 9, first_seed=0, vary_length=True)
+    assert torch.equal(x, ce.batch(40, 9, first_seed=0, vary_length=True)[0])
+    prints = [(row == ce.TOKEN_ID["print"]).sum().item() for row in x]
+    lengths = {(row != ce.PAD).sum().item() for row in x}
+    assert len(lengths) > 5 and x.shape[1] < ce.batch(40, 9, first_seed=0)[0].shape[1] + 30
+    assert min(prints) >= 1
+
+
+def test_accuracy_counts_printed_values():
+    class Oracle(torch.nn.Module):
+        """Puts all its logit on the true next token of the held-out programs."""
+
+        def forward(self, x):
+            _, y = ce.batch(x.shape[0], 8, self.seed)
+            self.seed += x.shape[0]
+            return torch.nn.functional.one_hot(y.clamp(min=0), len(ce.VOCAB)).float()
+
+    oracle = Oracle()
+    oracle.seed = ce.HELD_OUT_SEED
+    assert ce.accuracy(oracle, 10, 8, chunk=4) == 1.0
+    assert 0.05 < ce.chance_accuracy(500, 8) < 0.3
+
+
+def test_fit_lowers_the_loss_and_reports_accuracy():
+    torch.manual_seed(0)
+    model = fl.FeedbackLM(len(ce.VOCAB), d_model=16, heads=2, n_layers=1, d_ff=32)
+    history = ce.fit(model, steps=30, batch_size=8, n_statements=3, lr=1e-2, warmup_steps=5, eval_every=15,
+                     eval_programs=16)
+    assert history.eval_step == [15, 30] and len(history.loss) == 30 and history.seconds > 0
+    assert sum(history.loss[-5:]) < sum(history.loss[:5])
+    assert all(0 <= a <= 1 for a in history.eval_accuracy)
+    assert not model.training
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="n_statements must be a positive integer"):
+        ce.make_program(0, 1)
+    with pytest.raises(ValueError, match="print_prob"):
+        ce.make_program(3, 1, print_prob=1.5)
+    model = fl.FeedbackLM(len(ce.VOCAB), d_model=16, heads=2, n_layers=1, d_ff=32)
+    with pytest.raises(ValueError, match="held-out programs"):
+        ce.fit(model, steps=10, batch_size=10 ** 8, n_statements=3)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        ce.fit(model, steps=0, batch_size=4, n_statements=3)
