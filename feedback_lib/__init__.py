@@ -10,10 +10,14 @@ implementation:
 * ``FeedbackAttention``: ``query [batch, d_model]``, ``key``/``value [seq_len, batch, d_model]``
   (or ``[seq_len, batch, heads, d_k]`` when the keys and values are precomputed);
 * ``FeedbackTransformer`` / ``FeedbackTransformerKV``: ``x_seq [seq_len, batch, d_model]``;
-* every memory tensor (:class:`FeedbackMemory`): ``[length, batch, ...]``, oldest step first.
+* every memory tensor (:class:`FeedbackMemory`): ``[length, batch, ...]``, oldest step first;
+* an encoder's output read by cross-attention (:class:`CrossAttention`, chapter 11): ``context
+  [context_len, batch, d_model]``, its padding mask ``[batch, context_len]`` (bool, True = padding,
+  as PyTorch's ``key_padding_mask``).
 
 The language model the user calls, :class:`FeedbackLM`, is **batch-major** like the rest of
-PyTorch's NLP code: token ids ``[batch, seq]`` in, logits ``[batch, seq, n_vocab]`` out.
+PyTorch's NLP code: token ids ``[batch, seq]`` in, logits ``[batch, seq, n_vocab]`` out, and
+``context [batch, context_len, d_model]`` for a model built with ``cross_attention=True``.
 ``FeedbackLM.forward`` is the one place where the two conventions meet.
 
 Training (chapter 8) is in submodules, imported by name: ``feedback_lib.data`` (Tiny Shakespeare,
@@ -25,6 +29,8 @@ and precision), ``distributed`` (torchrun), ``checkpoint``, ``warm_start`` (the 
 Generation (chapter 9) uses ``feedback_lib.generation`` (sampling and the step-by-step loop) and
 ``kv_cache`` (the parallel baseline's per-layer key/value cache); ``code_execution`` generates the
 paper's state-tracking task (programs over three variables, token ids ``[batch, seq]``).
+Encoder-decoder use (chapter 11): ``feedback_lib.seq2seq`` (the sequence-reversal task, a small
+encoder and the encoder-decoder wrapper around ``FeedbackLM(cross_attention=True)``).
 
 Figures and interactive controls live in ``feedback_lib.plots`` and ``feedback_lib.widgets``
 (they need matplotlib and ipywidgets: ``pip install "feedback_lib[book]"``). The environment
@@ -33,6 +39,7 @@ variable ``FEEDBACK_LIB_FAST=1`` switches the book's experiments to small sizes
 """
 
 from feedback_lib.attention import MAX_POSITIONS, FeedbackAttention, HeadProjection, attention_maps
+from feedback_lib.cross_attention import CrossAttention, cross_attention_maps
 from feedback_lib.fast_mode import FAST_ENV, by_mode, fast_mode
 from feedback_lib.feed_forward import FeedForward
 from feedback_lib.generation import sample_next_token
@@ -56,6 +63,7 @@ from feedback_lib.transformer import (
 )
 
 __all__ = [
+    "CrossAttention",
     "FAST_ENV",
     "FeedForward",
     "FeedbackAttention",
@@ -76,6 +84,7 @@ __all__ = [
     "attention_weights_numpy",
     "by_mode",
     "computation_depth",
+    "cross_attention_maps",
     "fast_mode",
     "feedback_attention_numpy",
     "flow_edges",

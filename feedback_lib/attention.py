@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from feedback_lib.checks import check_like, check_positive_int, check_probability, check_same_batch, check_tensor
+from feedback_lib.checks import check_heads, check_like, check_probability, check_same_batch, check_tensor
 
 #: Number of relative positions with a learned embedding; the memory may hold at most this many steps.
 MAX_POSITIONS = 2 ** 12
@@ -61,14 +61,10 @@ class FeedbackAttention(nn.Module):
 
     def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1, *,
                  is_kv_precomputed: bool = False):
-        check_positive_int("heads", heads)
-        check_positive_int("d_model", d_model)
+        d_k = check_heads(heads, d_model)
         check_probability("dropout_prob", dropout_prob)
-        if d_model % heads:
-            raise ValueError(f"d_model must be divisible by heads, got d_model={d_model}, heads={heads} "
-                             f"(d_model % heads = {d_model % heads})")
         super().__init__()
-        self.d_k = d_model // heads
+        self.d_k = d_k
         self.heads = heads
         self.d_model = d_model
         self.is_kv_precomputed = is_kv_precomputed

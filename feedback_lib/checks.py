@@ -26,6 +26,17 @@ def check_probability(name: str, value: object) -> float:
     return float(value)
 
 
+def check_heads(heads: object, d_model: object) -> int:
+    """Check that ``heads`` and ``d_model`` are positive integers and ``heads`` divides ``d_model``;
+    return the width of one head, ``d_k = d_model // heads``."""
+    check_positive_int("heads", heads)
+    check_positive_int("d_model", d_model)
+    if d_model % heads:
+        raise ValueError(f"d_model must be divisible by heads, got d_model={d_model}, heads={heads} "
+                         f"(d_model % heads = {d_model % heads})")
+    return d_model // heads
+
+
 def check_bool(name: str, value: object) -> bool:
     """Return ``value`` if it is a ``bool``, else raise naming ``name``."""
     if not isinstance(value, bool):

@@ -60,13 +60,15 @@ def fused_loop_blocker(model: nn.Module) -> str | None:
     """Why ``model`` (a FeedbackTransformerKV) cannot run :class:`FusedKVLoop`, or None if it can.
 
     The fused loop implements pre-norm layers with :class:`~feedback_lib.FeedForward` (ReLU, not
-    gated, with biases), without active dropout and outside ``torch.autocast``; anything else runs
-    the reference loop.
+    gated, with biases), without cross-attention (chapter 11), without active dropout and outside
+    ``torch.autocast``; anything else runs the reference loop.
     """
     device_type = model.norm.weight.device.type
     if torch.is_autocast_enabled(device_type):
         return "torch.autocast is on"
     for layer in model.layers:
+        if layer.cross_attn is not None:
+            return "the layers have cross-attention"
         ff = layer.feed_forward
         if type(ff) is not FeedForward or type(ff.activation) is not nn.ReLU or ff.is_gated:
             return "the feed-forward block is not a plain ReLU FeedForward"

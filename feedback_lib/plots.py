@@ -1,4 +1,4 @@
-"""Figures of the book, drawn with matplotlib (chapters 1 to 8).
+"""Figures of the book, drawn with matplotlib (chapters 1 to 11).
 
 Every function draws with pyplot and returns the figure, so a notebook shows it once, inline.
 """
@@ -351,4 +351,41 @@ def plot_latency(latency: dict[str, Sequence[float]], *, smooth: int = 16) -> Fi
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_cross_attention(maps: torch.Tensor | np.ndarray, source_labels: Sequence[str],
+                         target_labels: Sequence[str], *, batch: int = 0) -> Figure:
+    """Cross-attention of every layer and head as heatmaps, one row of panels per layer (chapter 11).
+
+    ``maps [n_layers, batch, heads, seq, context_len]`` from
+    :func:`~feedback_lib.cross_attention_maps`: row ``t`` of a panel is how step ``t`` of the
+    decoder spreads its attention over the context positions (each row sums to 1). ``source_labels``
+    name the ``context_len`` context positions (x axis), ``target_labels`` the ``seq`` decoder steps
+    (y axis; e.g. the token each step reads).
+    """
+    maps = _as_float64(maps)
+    if maps.ndim != 5:
+        raise ValueError(f"maps must be [n_layers, batch, heads, seq, context_len] (from "
+                         f"feedback_lib.cross_attention_maps), got shape {tuple(maps.shape)}")
+    n_layers, n_batch, heads, seq, context_len = maps.shape
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 0 <= batch < n_batch:
+        raise ValueError(f"batch must be an index in 0..{n_batch - 1}, got {batch!r}")
+    for name, labels, size, what in (("source_labels", source_labels, context_len, "context position"),
+                                     ("target_labels", target_labels, seq, "decoder step")):
+        if isinstance(labels, str) or len(labels) != size:
+            raise ValueError(f"{name} must be a sequence of {size} strings (one per {what}), got {labels!r}")
+    fig, axes = plt.subplots(n_layers, heads, figsize=(0.3 * context_len * heads + 2, 0.3 * seq * n_layers + 1.5),
+                             squeeze=False, sharex=True, sharey=True, layout="constrained")
+    for layer in range(n_layers):
+        for head in range(heads):
+            ax = axes[layer, head]
+            image = ax.imshow(maps[layer, batch, head], cmap="viridis", vmin=0, vmax=1)
+            ax.set_title(f"layer {layer + 1}, head {head}", fontsize=9)
+            ax.set_xticks(range(context_len), source_labels, fontsize=8)
+            ax.set_yticks(range(seq), target_labels, fontsize=8)
+        axes[layer, 0].set_ylabel("decoder reads")
+    for ax in axes[-1]:
+        ax.set_xlabel("source position")
+    fig.colorbar(image, ax=axes, fraction=0.02, label="attention weight")
     return fig

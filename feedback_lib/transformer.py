@@ -14,6 +14,7 @@ from torch import nn
 
 from feedback_lib.attention import MAX_POSITIONS, FeedbackAttention, HeadProjection
 from feedback_lib.checks import check_bool, check_like, check_positive_int, check_probability, check_tensor
+from feedback_lib.cross_attention import CrossAttention, PreparedContext, check_context
 from feedback_lib.fused_kv import FusedDecoder, FusedKVLoop, LoopSpec, fused_loop_blocker, layer_tensors
 from feedback_lib.memory import FeedbackMemory, window_start
 from feedback_lib.stack import NaiveStack, Stack
@@ -23,16 +24,25 @@ class FeedbackTransformerLayer(nn.Module):
     """One pre-norm layer: ``x + attn(norm(x), memory)``, then ``x + feed_forward(norm(x))``.
 
     The attention block is skipped while there is no memory yet (the first step of a sequence).
-    Shapes: ``x [batch, d_model]``; ``key``/``value`` as :class:`FeedbackAttention` takes them.
+    With ``cross_attn`` (chapter 11) a third block sits between the two,
+    ``x + cross_attn(norm(x), context)``; it runs at every step, the first included.
+    Shapes: ``x [batch, d_model]``; ``key``/``value`` as :class:`FeedbackAttention` takes them;
+    ``context`` a :class:`~feedback_lib.cross_attention.PreparedContext` of ``cross_attn``.
     """
 
-    def __init__(self, *, d_model: int, attn: FeedbackAttention, feed_forward: nn.Module, dropout_prob: float):
+    def __init__(self, *, d_model: int, attn: FeedbackAttention, feed_forward: nn.Module, dropout_prob: float,
+                 cross_attn: CrossAttention | None = None):
         check_positive_int("d_model", d_model)
         check_probability("dropout_prob", dropout_prob)
         if not isinstance(attn, FeedbackAttention):
             raise TypeError(f"attn must be a FeedbackAttention, got {type(attn).__name__}")
         if attn.d_model != d_model:
             raise ValueError(f"attn was built for d_model={attn.d_model} but the layer has d_model={d_model}")
+        if cross_attn is not None and not isinstance(cross_attn, CrossAttention):
+            raise TypeError(f"cross_attn must be a CrossAttention or None, got {type(cross_attn).__name__}")
+        if cross_attn is not None and cross_attn.d_model != d_model:
+            raise ValueError(f"cross_attn was built for d_model={cross_attn.d_model} but the layer has "
+                             f"d_model={d_model}")
         super().__init__()
         self.size = d_model
         self.attn = attn
@@ -40,9 +50,12 @@ class FeedbackTransformerLayer(nn.Module):
         self.dropout = nn.Dropout(dropout_prob)
         self.norm_self_attn = nn.LayerNorm([d_model])
         self.norm_ff = nn.LayerNorm([d_model])
+        # Created only with cross-attention, so that a layer without it keeps labml's state_dict keys.
+        self.cross_attn = cross_attn
+        self.norm_cross_attn = None if cross_attn is None else nn.LayerNorm([d_model])
 
-    def forward(self, x: torch.Tensor, key: torch.Tensor | None = None,
-                value: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None, *,
+                context: PreparedContext | None = None) -> torch.Tensor:
         """One step of the layer: ``x [batch, d_model]`` -> ``[batch, d_model]``."""
         check_tensor("x", x, ["batch", "d_model"], [None, self.size])
         if (key is None) != (value is None):
@@ -51,16 +64,27 @@ class FeedbackTransformerLayer(nn.Module):
             check_like("x", x, self.norm_ff.weight)
         else:
             self.attn.check_inputs(x, key, value, query_name="x")
-        return self.step(x, key, value)
+        if (self.cross_attn is None) != (context is None):
+            raise ValueError("a layer with cross_attn needs context=layer.cross_attn.prepare(...); a layer "
+                             "without it takes no context")
+        if context is not None and not isinstance(context, PreparedContext):
+            raise TypeError(f"context must be a PreparedContext (from layer.cross_attn.prepare), "
+                            f"got {type(context).__name__}")
+        return self.step(x, key, value, context=context)
 
     def step(self, x: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
-             tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+             tables: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+             context: PreparedContext | None = None) -> torch.Tensor:
         """:meth:`forward` without the input checks (the per-step path of the transformers);
         ``tables``: the attention's position tables, cut once per sequence (see
-        :meth:`~feedback_lib.FeedbackAttention.position_tables`)."""
+        :meth:`~feedback_lib.FeedbackAttention.position_tables`); ``context``: this layer's
+        projected context (chapter 11), given exactly when the layer has ``cross_attn``."""
         if key is not None:
             z = self.norm_self_attn(x)
             x = x + self.dropout(self.attn.attend(z, key, value, tables=tables))
+        if self.cross_attn is not None:
+            z = self.norm_cross_attn(x)
+            x = x + self.dropout(self.cross_attn.attend(z, context))
         z = self.norm_ff(x)
         return x + self.dropout(self.feed_forward(z))
 
@@ -116,7 +140,13 @@ class _FeedbackLoop(nn.Module):
         """The layers' ``key`` and ``value`` from what was read from the stores."""
         raise NotImplementedError
 
+    @property
+    def has_cross_attention(self) -> bool:
+        """Whether the layers attend to an encoder's context (chapter 11)."""
+        return self.layers[0].cross_attn is not None
+
     def forward(self, x_seq: torch.Tensor, memory: FeedbackMemory | None = None, *,
+                context: torch.Tensor | None = None, context_padding_mask: torch.Tensor | None = None,
                 return_memory: bool = False) -> torch.Tensor | tuple[torch.Tensor, FeedbackMemory]:
         """Run ``x_seq [seq_len, batch, d_model]`` step by step; returns normalised ``[seq_len, batch, d_model]``.
 
@@ -124,18 +154,24 @@ class _FeedbackLoop(nn.Module):
         the result equals one call on the concatenated input. With ``return_memory=True`` the
         result is ``(output, memory)``. When ``mem_len`` is set, each step attends to at most the
         last ``mem_len`` memory entries (first in, first out).
+
+        A model with cross-attention (chapter 11) needs ``context [context_len, batch, d_model]``
+        at every call (the memory does not hold it), optionally with ``context_padding_mask
+        [batch, context_len]`` (bool, True marks padding); a model without it takes none.
         """
         check_tensor("x_seq", x_seq, ["seq_len", "batch", "d_model"], [None, None, self.d_model])
         check_like("x_seq", x_seq, self.norm.weight)
         check_bool("return_memory", return_memory)
         self.check_memory(memory, x_seq.shape[1], x_seq.shape[0], input_name="x_seq")
+        self.check_context(context, context_padding_mask, x_seq.shape[1], input_name="x_seq")
+        contexts = self.prepare_context(context, context_padding_mask)   # once per call, for every step
         prefix = () if memory is None else memory.tensors
         if prefix and self.mem_len is not None:
             prefix = tuple(t[-self.mem_len:] for t in prefix)
         if self.fused_loop_blocker() is None:
             out, rows = self._fused_loop(x_seq, prefix)
         else:
-            out, rows = self._reference_loop(x_seq, prefix)
+            out, rows = self._reference_loop(x_seq, prefix, contexts)
         out = self.norm(out)                                                # [seq_len, batch, d_model]
         if not return_memory:
             return out
@@ -144,6 +180,32 @@ class _FeedbackLoop(nn.Module):
         if start:   # copy the window, so the memory does not keep the whole buffer alive
             kept = [t.clone() for t in kept]
         return out, FeedbackMemory(tuple(kept), self.signature)
+
+    def check_context(self, context: torch.Tensor | None, context_padding_mask: torch.Tensor | None, batch: int, *,
+                      input_name: str, batch_first: bool = False) -> None:
+        """Raise a clear error unless ``context`` (and its padding mask) can be read by this model
+        alongside an input of ``batch`` rows called ``input_name`` (see
+        :func:`~feedback_lib.cross_attention.check_context`); None exactly when the model has no
+        cross-attention."""
+        shape = "[batch, context_len, d_model]" if batch_first else "[context_len, batch, d_model]"
+        if self.has_cross_attention and context is None:
+            raise ValueError(f"this model has cross-attention and needs a context {shape} (the encoder's output)")
+        if not self.has_cross_attention and context is not None:
+            raise ValueError("context was given, but this model has no cross-attention (build FeedbackLM with "
+                             "cross_attention=True, or its layers with a CrossAttention)")
+        if context is None:
+            if context_padding_mask is not None:
+                raise ValueError("context_padding_mask was given without a context")
+            return
+        check_context(context, context_padding_mask, d_model=self.d_model, batch=batch, reference=self.norm.weight,
+                      input_name=input_name, batch_first=batch_first)
+
+    def prepare_context(self, context: torch.Tensor | None, context_padding_mask: torch.Tensor | None
+                        ) -> list[PreparedContext] | None:
+        """Every layer's projected ``context [context_len, batch, d_model]``, once per call (unchecked)."""
+        if context is None:
+            return None
+        return [layer.cross_attn.prepare(context, context_padding_mask) for layer in self.layers]
 
     def fused_loop_blocker(self) -> str | None:
         """Why this model runs the reference loop rather than a fused one (None: it runs fused)."""
@@ -154,10 +216,12 @@ class _FeedbackLoop(nn.Module):
         longest = n_prefix + seq_len - 1
         return longest if self.mem_len is None else min(longest, self.mem_len)
 
-    def _reference_loop(self, x_seq: torch.Tensor, prefix: tuple[torch.Tensor, ...]
+    def _reference_loop(self, x_seq: torch.Tensor, prefix: tuple[torch.Tensor, ...],
+                        contexts: list[PreparedContext] | None = None
                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """The token loop with autograd recording every step (chapter 5); returns the last layer's
-        outputs ``[seq_len, batch, d_model]`` (before the final norm) and every memory row."""
+        outputs ``[seq_len, batch, d_model]`` (before the final norm) and every memory row.
+        ``contexts``: each layer's prepared context (chapter 11), or None without cross-attention."""
         seq_len = x_seq.shape[0]
         n_prefix = prefix[0].shape[0] if prefix else 0
         store_cls = NaiveStack if self.naive_stack else Stack
@@ -168,12 +232,14 @@ class _FeedbackLoop(nn.Module):
         weights = torch.softmax(self.weights, dim=0)                       # [n_layers + 1]
         longest = self._longest_memory(n_prefix, seq_len)
         tables = [layer.attn.position_tables(longest) if longest else None for layer in self.layers]
+        if contexts is None:
+            contexts = [None] * self.n_layers
         outputs = []
         for x in x_seq.unbind(0):                                           # x: [batch, d_model]
             key, value = self._read(stores) if len(stores[0]) else (None, None)
             layer_outputs = [x]
-            for layer, layer_tables in zip(self.layers, tables):
-                x = layer.step(x, key, value, layer_tables)
+            for layer, layer_tables, context in zip(self.layers, tables, contexts):
+                x = layer.step(x, key, value, layer_tables, context=context)
                 layer_outputs.append(x)
             # The memory vector: softmax-weighted sum of the input and every layer's output.
             mem = torch.einsum("lbd,l->bd", torch.stack(layer_outputs), weights)  # [batch, d_model]
@@ -182,11 +248,16 @@ class _FeedbackLoop(nn.Module):
             outputs.append(x)
         return torch.stack(outputs), tuple(store.get(0) for store in stores)
 
-    def decoder(self, batch: int, capacity: int) -> "MemoryDecoder":
+    def decoder(self, batch: int, capacity: int, context: torch.Tensor | None = None,
+                context_padding_mask: torch.Tensor | None = None) -> "FusedDecoder | MemoryDecoder":
         """An object whose ``step(x_seq)`` continues one sequence call after call (for generation):
         the outputs equal those of one ``forward`` on everything read so far. ``capacity`` is the
-        most steps it will read."""
-        return MemoryDecoder(self)
+        most steps it will read; ``context [context_len, batch, d_model]`` (and its padding mask)
+        is read by every step of a model with cross-attention (chapter 11)."""
+        self.check_context(context, context_padding_mask, batch, input_name="the decoder")
+        if self.fused_loop_blocker() is None:
+            return FusedDecoder(self, batch, capacity)
+        return MemoryDecoder(self, context, context_padding_mask)
 
     def _window_start(self, length: int) -> int:
         return window_start(length, self.mem_len)
@@ -230,16 +301,21 @@ class _FeedbackLoop(nn.Module):
 
 
 class MemoryDecoder:
-    """The general decoder: calls the model with the :class:`FeedbackMemory` of the previous call."""
+    """The general decoder: calls the model with the :class:`FeedbackMemory` of the previous call,
+    and with the same ``context [context_len, batch, d_model]`` (and padding mask) every time
+    (chapter 11; each call projects the context again, as every ``forward`` call does)."""
 
-    def __init__(self, model: _FeedbackLoop):
+    def __init__(self, model: _FeedbackLoop, context: torch.Tensor | None = None,
+                 context_padding_mask: torch.Tensor | None = None):
         self.model = model
+        self.context, self.context_padding_mask = context, context_padding_mask
         self.memory: FeedbackMemory | None = None
 
     @torch.no_grad()
     def step(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Read ``x_seq [seq_len, batch, d_model]``; returns the normalised outputs ``[seq_len, batch, d_model]``."""
-        out, self.memory = self.model(x_seq, self.memory, return_memory=True)
+        out, self.memory = self.model(x_seq, self.memory, context=self.context,
+                                      context_padding_mask=self.context_padding_mask, return_memory=True)
         return out
 
 
@@ -325,11 +401,6 @@ class FeedbackTransformerKV(_FeedbackLoop):
                         tuple(layer.norm_self_attn.eps for layer in self.layers),
                         tuple(layer.norm_ff.eps for layer in self.layers), self.mem_len)
 
-    def decoder(self, batch: int, capacity: int) -> FusedDecoder | MemoryDecoder:
-        if self.fused_loop_blocker() is None:
-            return FusedDecoder(self, batch, capacity)
-        return super().decoder(batch, capacity)
-
     def _fused_loop(self, x_seq: torch.Tensor, prefix: tuple[torch.Tensor, ...]
                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """The same computation as the reference loop, as one :class:`~feedback_lib.fused_kv.FusedKVLoop`."""
@@ -359,7 +430,7 @@ def per_layer_copy(kv_model: FeedbackTransformerKV) -> FeedbackTransformer:
     attn = FeedbackAttention(kv_model.heads, kv_model.d_model, first.attn.dropout.p)
     layer = FeedbackTransformerLayer(d_model=kv_model.d_model, attn=attn,
                                      feed_forward=copy.deepcopy(first.feed_forward),
-                                     dropout_prob=first.dropout.p)
+                                     dropout_prob=first.dropout.p, cross_attn=copy.deepcopy(first.cross_attn))
     model = FeedbackTransformer(layer, kv_model.n_layers, mem_len=kv_model.mem_len)
     model = model.to(device=kv_model.norm.weight.device, dtype=kv_model.norm.weight.dtype)
     state = {k: v for k, v in kv_model.state_dict().items() if not k.startswith(("key.", "value."))}

@@ -45,7 +45,7 @@ class ParallelTwinLM(nn.Module):
         super().__init__()
         lm = FeedbackLM(n_vocab, d_model=d_model, heads=heads, n_layers=n_layers, d_ff=d_ff,
                         dropout=dropout, shared_kv=True, mem_len=mem_len)
-        self.config = {k: v for k, v in lm.config.items() if k != "shared_kv"}
+        self.config = {k: v for k, v in lm.config.items() if k not in ("shared_kv", "cross_attention")}
         self.src_embed, self.transformer, self.generator = lm.src_embed, lm.transformer, lm.generator
         self.transformer.register_parameter("weights", None)   # no memory to mix: no counterpart
         self.n_vocab = n_vocab

@@ -44,8 +44,8 @@ def test_generation_reads_the_prompt_once_then_one_step_per_token(shared_kv):
     lm = make_lm(shared_kv)
     lengths, make_decoder = [], lm.transformer.decoder
 
-    def recording_decoder(batch, capacity):
-        decoder = make_decoder(batch, capacity)
+    def recording_decoder(batch, capacity, *context):
+        decoder = make_decoder(batch, capacity, *context)
         step = decoder.step
         decoder.step = lambda x_seq: (lengths.append(x_seq.shape[0]), step(x_seq))[1]
         return decoder
