@@ -10,7 +10,7 @@ feedback memory can carry (chapter 10; Fan et al., 2020, section 4.1).
 
 Programs are deterministic from a seed; every value stays within 1 to 10 (a statement that would
 leave the range is never generated). Batches are token ids ``[batch, seq]`` as ``FeedbackLM``
-takes them, with targets of -100 (ignored by ``F.cross_entropy``) everywhere except at the positions
+takes them, with targets of -100 (ignored by ``F.cross_entropy``) everywhere except (by default) at the positions
 that predict a printed value.
 """
 
@@ -121,10 +121,26 @@ def make_program(n_statements: int, seed: int, print_prob: float = 0.25) -> Prog
 
 def run_program(tokens: tuple[str, ...] | list[str]) -> list[int]:
     """An interpreter, independent of the generator: the values the program's prints must show."""
-    state, out, i = {}, [], 0
+    return [value for value, _ in _execute(tokens)]
+
+
+def updates_since_assignment(tokens: tuple[str, ...] | list[str]) -> list[int]:
+    """For every print, how many statements since the printed variable last received a literal
+    value (``x = 5 ;`` that ran) could have changed it: its increments and decrements, and every
+    conditional whose body writes it, whether or not the condition held. 0 means the value can be
+    copied from the text; ``k`` means the model must apply ``k`` updates in order (chapter 10)."""
+    return [updates for _, updates in _execute(tokens)]
+
+
+def _execute(tokens: tuple[str, ...] | list[str]) -> list[tuple[int, int]]:
+    """Run the program; for every print, its value and :func:`updates_since_assignment`'s count."""
+    state: dict[str, int] = {}
+    updates: dict[str, int] = {}
+    out, i = [], 0
     while i < len(tokens):
         if tokens[i] == "print":
-            out.append(state[tokens[i + 1]])
+            var = tokens[i + 1]
+            out.append((state[var], updates[var]))
             i += 4
             continue
         run = True
@@ -137,10 +153,14 @@ def run_program(tokens: tuple[str, ...] | list[str]) -> list[int]:
         if op == "=":
             if run:
                 state[var] = int(tokens[i + 2])
+                updates[var] = 0
+            else:
+                updates[var] += 1
             i += 4
         else:
             if run:
                 state[var] += 1 if op == "++" else -1
+            updates[var] += 1
             i += 3
     return out
 
@@ -149,48 +169,84 @@ def run_program(tokens: tuple[str, ...] | list[str]) -> list[int]:
 HELD_OUT_SEED = 10 ** 9
 
 
+#: What :func:`batch` makes a target: only the printed values, or every next token.
+TARGETS = ("printed", "all")
+
+
 def batch(n_programs: int, n_statements: int, first_seed: int, print_prob: float = 0.25, *,
-          vary_length: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+          vary_length: bool = False, targets: str = "printed") -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets ``[n_programs, seq]`` for programs ``first_seed, first_seed + 1, ...``.
 
     The input is the program without its last token, the target the program shifted by one, with
     -100 except where the next token is a printed value; shorter programs are padded at the end.
+    With ``targets="all"`` every next token of the program is a target (a language model's loss;
+    the padding still is not).
     With ``vary_length`` program ``s`` has between 1 and ``n_statements`` statements (drawn from
     its seed), so that training also sees short programs, where a value is easy to look up.
     """
     check_positive_int("n_programs", n_programs)
     check_positive_int("n_statements", n_statements)
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
     seeds = range(first_seed, first_seed + n_programs)
-    lengths = [random.Random(-s).randint(1, n_statements) if vary_length else n_statements for s in seeds]
+    lengths = [varied_length(s, n_statements) if vary_length else n_statements for s in seeds]
     programs = [make_program(n, s, print_prob) for n, s in zip(lengths, seeds)]
     longest = max(len(p.tokens) for p in programs)
     ids = torch.full((n_programs, longest), PAD, dtype=torch.long)
-    targets = torch.full((n_programs, longest), IGNORE, dtype=torch.long)
+    target_ids = torch.full((n_programs, longest), IGNORE, dtype=torch.long)
     for row, program in enumerate(programs):
         ids[row, :len(program.tokens)] = torch.tensor([TOKEN_ID[t] for t in program.tokens])
-        for i in program.printed:
-            targets[row, i] = ids[row, i]
-    return ids[:, :-1], targets[:, 1:]
+        scored = program.printed if targets == "printed" else range(len(program.tokens))
+        for i in scored:
+            target_ids[row, i] = ids[row, i]
+    return ids[:, :-1], target_ids[:, 1:]
+
+
+def varied_length(seed: int, n_statements: int) -> int:
+    """The number of statements, 1 to ``n_statements``, of program ``seed`` in a ``vary_length`` batch.
+
+    Drawn from its own generator: one seeded with ``seed`` itself (or ``-seed``, the same for
+    Python) would repeat the program's first draws and tie the length to its initial values."""
+    return random.Random(f"length of program {seed}").randint(1, n_statements)
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, n_programs: int, n_statements: int, seed: int = HELD_OUT_SEED,
-             print_prob: float = 0.25, chunk: int = 64) -> float:
-    """The share of printed values of ``n_programs`` held-out programs that the model predicts
-    (the argmax over the whole vocabulary equals the value), in eval mode."""
+def print_correct(model: nn.Module, n_programs: int, n_statements: int, seed: int = HELD_OUT_SEED,
+                  print_prob: float = 0.25, chunk: int = 64) -> torch.Tensor:
+    """Whether the model predicts each printed value of ``n_programs`` held-out programs of
+    ``n_statements`` statements (the argmax over the whole vocabulary equals the value), in eval
+    mode: bool ``[n_prints]``, program ``seed`` first and each program's prints in order."""
+    check_positive_int("n_programs", n_programs)
+    check_positive_int("chunk", chunk)
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct = []
     try:
         for start in range(0, n_programs, chunk):
             x, y = batch(min(chunk, n_programs - start), n_statements, seed + start, print_prob)
-            scored = y != IGNORE
+            scored = y != IGNORE                                                # row-major: program order
             predicted = model(x).argmax(-1)                                    # [batch, seq]
-            correct += (predicted[scored] == y[scored]).sum().item()
-            total += scored.sum().item()
+            correct.append(predicted[scored] == y[scored])
     finally:
         model.train(was_training)
-    return correct / total
+    return torch.cat(correct)
+
+
+def accuracy(model: nn.Module, n_programs: int, n_statements: int, seed: int = HELD_OUT_SEED,
+             print_prob: float = 0.25, chunk: int = 64) -> float:
+    """The share of printed values of ``n_programs`` held-out programs that the model predicts."""
+    return print_correct(model, n_programs, n_statements, seed, print_prob, chunk).float().mean().item()
+
+
+def accuracy_by_updates(model: nn.Module, n_programs: int, n_statements: int, seed: int = HELD_OUT_SEED,
+                        print_prob: float = 0.25) -> dict[int, tuple[float, int]]:
+    """Held-out accuracy grouped by :func:`updates_since_assignment`: ``{updates: (accuracy,
+    number of printed values)}``, in increasing order of ``updates``."""
+    correct = print_correct(model, n_programs, n_statements, seed, print_prob)
+    updates = torch.tensor([u for s in range(seed, seed + n_programs)
+                            for u in updates_since_assignment(make_program(n_statements, s, print_prob).tokens)])
+    return {u: (correct[updates == u].float().mean().item(), int((updates == u).sum()))
+            for u in sorted(set(updates.tolist()))}
 
 
 @dataclass
@@ -205,9 +261,10 @@ class TaskHistory:
 
 def fit(model: nn.Module, *, steps: int, batch_size: int, n_statements: int, lr: float = 3e-3,
         warmup_steps: int = 100, weight_decay: float = 0.1, grad_clip: float = 1.0, print_prob: float = 0.5,
-        eval_every: int = 100, eval_programs: int = 256, seed: int = 0) -> TaskHistory:
+        targets: str = "printed", eval_every: int = 100, eval_programs: int = 256, seed: int = 0) -> TaskHistory:
     """Train ``model`` (a language model over :data:`VOCAB`) on programs of 1 to ``n_statements``
-    statements that print with probability ``print_prob`` (more prints, more signal), with the
+    statements that print with probability ``print_prob`` (more prints, more signal), the loss on
+    ``targets`` (see :func:`batch`; accuracy always scores the printed values only), with the
     training loop's own pieces (AdamW on :func:`~feedback_lib.train.param_groups`, warmup then
     cosine decay, clipping, :func:`~feedback_lib.train.train_step`), on the CPU in float32.
     Step ``s`` trains on programs ``seed + s * batch_size, ...``; accuracy is measured on held-out
@@ -223,7 +280,8 @@ def fit(model: nn.Module, *, steps: int, batch_size: int, n_statements: int, lr:
     history = TaskHistory()
     model.train()
     for step in range(steps):
-        x, y = batch(batch_size, n_statements, seed + step * batch_size, print_prob, vary_length=True)
+        x, y = batch(batch_size, n_statements, seed + step * batch_size, print_prob, vary_length=True,
+                     targets=targets)
         began = time.perf_counter()
         loss = train_step(model, optimizer, scheduler, scaler, precision, grad_clip, x, y).item()
         history.seconds += time.perf_counter() - began

@@ -42,10 +42,10 @@ class PreparedContext:
 class CrossAttention(nn.Module):
     r"""Multi-head scaled dot-product attention of one step's ``x`` over the context (chapter 11).
 
-    For head ``h``, with ``Q = W^Q x``, ``K_i = W^K c_i`` and ``V_i = W^V c_i`` for context
-    position ``c_i``:
+    For head ``h``, with ``Q = W^Q x + b^Q``, ``K_i = W^K c_i`` (no bias: the softmax would cancel
+    it) and ``V_i = W^V c_i + b^V`` for context position ``c_i``:
 
-    .. math:: \mathrm{out} = W^O \big[\textstyle\sum_i \mathrm{softmax}_i(Q^\top K_i / \sqrt{d_k} + M_i) V_i\big]_h,
+    .. math:: \mathrm{out} = W^O \big[\textstyle\sum_i \mathrm{softmax}_i(Q^\top K_i / \sqrt{d_k} + M_i) V_i\big]_h + b^O,
 
     where ``M_i`` is ``-inf`` at padding positions. There are no position terms: the encoder puts
     positions into the context itself.

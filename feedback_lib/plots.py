@@ -389,3 +389,41 @@ def plot_cross_attention(maps: torch.Tensor | np.ndarray, source_labels: Sequenc
         ax.set_xlabel("source position")
     fig.colorbar(image, ax=axes, fraction=0.02, label="attention weight")
     return fig
+
+
+def plot_accuracy(results: dict[str, dict[int, float]], *, xlabel: str,
+                  chance: float | dict[int, float] | None = None) -> Figure:
+    """Accuracy (0 to 1) of several models against an integer ``x`` (chapter 10): training steps,
+    program length or updates to track.
+
+    ``results`` maps a model's name to ``{x: accuracy}``; ``chance`` draws the floor of always
+    answering the most frequent value, one number or one per ``x``, as a dashed grey line.
+    """
+    if not results or any(not points for points in results.values()):
+        raise ValueError("results must map each model's name to a non-empty {x: accuracy} dict")
+    for name, points in results.items():
+        bad = {x: a for x, a in points.items() if not 0 <= a <= 1}
+        if bad:
+            raise ValueError(f"accuracies of {name!r} must lie in [0, 1], got {bad}")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, points in results.items():
+        xs = sorted(points)
+        ax.plot(xs, [100 * points[x] for x in xs], marker="o", label=name)
+    if chance is not None:
+        if isinstance(chance, dict):
+            xs = sorted(chance)
+            ax.plot(xs, [100 * chance[x] for x in xs], "--", color="grey", label="most frequent value")
+        else:
+            ax.axhline(100 * chance, ls="--", color="grey", label="most frequent value")
+    xs = sorted({x for points in results.values() for x in points})
+    if len(xs) <= 8:
+        ax.set_xticks(xs)                                   # a tick at every measured x
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0, 102)                                     # room for the markers at 100 %
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("printed values predicted (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -89,7 +89,7 @@ class SourceEncoder(nn.Module):
     """Token embedding + learned positions + a pre-norm ``nn.TransformerEncoder`` (chapter 11).
 
     ``source [batch, src_len]`` ids (``src_len <= max_len``) and ``padding_mask [batch, src_len]``
-    (True = padding, ignored) -> the context ``[batch, src_len, d_model]``.
+    (True marks padding, which no position attends to) -> the context ``[batch, src_len, d_model]``.
     """
 
     def __init__(self, n_vocab: int, *, d_model: int, heads: int, n_layers: int, d_ff: int, max_len: int,

@@ -60,6 +60,32 @@ def test_varied_lengths_are_deterministic_and_bounded():
     assert min(prints) >= 1
 
 
+def test_all_targets_score_every_next_token_but_the_padding():
+    x, y = ce.batch(4, 6, 0, vary_length=True, targets="all")
+    x_printed, y_printed = ce.batch(4, 6, 0, vary_length=True)
+    assert torch.equal(x, x_printed)
+    scored = y != ce.IGNORE
+    for row in range(4):
+        n = len(ce.make_program(ce.varied_length(row, 6), row).tokens)
+        assert scored[row].sum() == n - 1 and not scored[row, n - 1:].any()
+        assert torch.equal(y[row, :n - 1], torch.tensor([ce.TOKEN_ID[t] for t in ce.make_program(
+            ce.varied_length(row, 6), row).tokens[1:]]))
+    assert (y_printed[y_printed != ce.IGNORE] == y[y_printed != ce.IGNORE]).all()
+    with pytest.raises(ValueError, match="targets must be one of"):
+        ce.batch(2, 3, 0, targets="values")
+
+
+def test_varied_lengths_are_independent_of_the_programs():
+    # Regression: a length drawn from random.Random(-seed) repeated the program's own first draw,
+    # so every 1-statement training program started with x = 1 or 2.
+    first_x = {n: set() for n in (1, 5)}
+    for seed in range(3000):
+        n = ce.varied_length(seed, 5)
+        if n in first_x:
+            first_x[n].add(ce.make_program(n, seed).tokens[2])
+    assert all(len(values) == 10 for values in first_x.values())
+
+
 def test_accuracy_counts_printed_values():
     class Oracle(torch.nn.Module):
         """Puts all its logit on the true next token of the held-out programs."""
@@ -72,7 +98,21 @@ def test_accuracy_counts_printed_values():
     oracle = Oracle()
     oracle.seed = ce.HELD_OUT_SEED
     assert ce.accuracy(oracle, 10, 8, chunk=4) == 1.0
+    oracle.seed = ce.HELD_OUT_SEED
+    by_updates = ce.accuracy_by_updates(oracle, 64, 8)
+    n_prints = sum(len(ce.make_program(8, ce.HELD_OUT_SEED + s).printed) for s in range(64))
+    assert sum(n for _, n in by_updates.values()) == n_prints
+    assert all(acc == 1.0 for acc, _ in by_updates.values()) and list(by_updates) == sorted(by_updates)
     assert 0.05 < ce.chance_accuracy(500, 8) < 0.3
+
+
+def test_updates_since_assignment_counts_what_could_change_the_value():
+    tokens = ("x = 3 ; y = 2 ; z = 1 ; x ++ ; if x > 2 : x -- ; if y > 5 : x = 9 ; print x ; 3 "
+              "print y ; 2 if z < 2 : x = 7 ; print x ; 7").split()
+    assert ce.run_program(tokens) == [3, 2, 7]
+    # x: ++, a conditional -- that ran and a conditional assignment that did not; y: none;
+    # x again after a conditional assignment that ran.
+    assert ce.updates_since_assignment(tokens) == [3, 0, 0]
 
 
 def test_fit_lowers_the_loss_and_reports_accuracy():

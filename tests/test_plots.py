@@ -148,3 +148,18 @@ def test_latency_figure():
     np.testing.assert_allclose(lines[0].get_ydata(), [2.0, 1.5, 2.0])      # running medians, in ms
     with pytest.raises(ValueError, match="the same number of per-position times"):
         plots.plot_latency({"a": [0.1], "b": [0.1, 0.2]})
+
+
+def test_accuracy_figure():
+    fig = plots.plot_accuracy({"feedback": {5: 0.9, 2: 1.0}, "parallel": {2: 0.8, 5: 0.5}},
+                              xlabel="statements", chance={2: 0.2, 5: 0.1})
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["feedback", "parallel", "most frequent value"]
+    np.testing.assert_allclose(lines[0].get_xdata(), [2, 5])                # sorted by x
+    np.testing.assert_allclose(lines[0].get_ydata(), [100, 90])             # in percent
+    np.testing.assert_allclose(fig.axes[0].get_xticks(), [2, 5])           # a tick at each measured x
+    assert len(plots.plot_accuracy({"a": {1: 0.5}}, xlabel="step", chance=0.1).axes[0].get_lines()) == 2
+    with pytest.raises(ValueError, match="must lie in"):
+        plots.plot_accuracy({"a": {1: 50}}, xlabel="step")
+    with pytest.raises(ValueError, match="non-empty"):
+        plots.plot_accuracy({"a": {}}, xlabel="step")
