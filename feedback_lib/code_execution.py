@@ -26,8 +26,7 @@ from torch import nn
 
 from feedback_lib.checks import check_positive_int, check_probability
 from feedback_lib.devices import pick_precision
-from feedback_lib.schedule import WarmupCosine
-from feedback_lib.train import param_groups, train_step
+from feedback_lib.train import optimizer_and_schedule, train_step
 
 VARIABLES = ("x", "y", "z")
 VALUES = tuple(range(1, 11))
@@ -265,8 +264,8 @@ def fit(model: nn.Module, *, steps: int, batch_size: int, n_statements: int, lr:
     """Train ``model`` (a language model over :data:`VOCAB`) on programs of 1 to ``n_statements``
     statements that print with probability ``print_prob`` (more prints, more signal), the loss on
     ``targets`` (see :func:`batch`; accuracy always scores the printed values only), with the
-    training loop's own pieces (AdamW on :func:`~feedback_lib.train.param_groups`, warmup then
-    cosine decay, clipping, :func:`~feedback_lib.train.train_step`), on the CPU in float32.
+    training loop's own pieces (:func:`~feedback_lib.train.optimizer_and_schedule`: AdamW, warmup
+    then cosine decay; clipping, :func:`~feedback_lib.train.train_step`), on the CPU in float32.
     Step ``s`` trains on programs ``seed + s * batch_size, ...``; accuracy is measured on held-out
     programs of exactly ``n_statements`` statements every ``eval_every`` steps and at the end."""
     for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every)):
@@ -274,8 +273,8 @@ def fit(model: nn.Module, *, steps: int, batch_size: int, n_statements: int, lr:
     if seed + steps * batch_size >= HELD_OUT_SEED:
         raise ValueError(f"training seeds would reach the held-out programs (seed {HELD_OUT_SEED} on)")
     precision = pick_precision(torch.device("cpu"), "fp32")
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(min(warmup_steps, steps), steps))
+    optimizer, scheduler = optimizer_and_schedule(model, lr=lr, weight_decay=weight_decay,
+                                                  warmup_steps=min(warmup_steps, steps), steps=steps)
     scaler = precision.scaler()
     history = TaskHistory()
     model.train()

@@ -24,8 +24,7 @@ from torch import nn
 from feedback_lib.checks import check_positive_int, check_probability, check_token_ids
 from feedback_lib.generation import eval_mode
 from feedback_lib.lm import FeedbackLM
-from feedback_lib.schedule import WarmupCosine
-from feedback_lib.train import param_groups
+from feedback_lib.train import optimizer_and_schedule
 
 #: Ids of the padding, begin and end tokens; the task's symbols are the ids after them.
 PAD, BOS, EOS = 0, 1, 2
@@ -152,23 +151,32 @@ class EncoderDecoder(nn.Module):
             return self.decoder.generate(prompt, max_new_tokens, temperature=0, context=context,
                                          context_padding_mask=source_padding_mask)
 
+    def matches(self, batch: ReversalBatch) -> torch.Tensor:
+        """Greedy-decode ``batch``'s sources; bool ``[batch]``: the output is exactly its target
+        (see :func:`is_exact`)."""
+        output = self.greedy(batch.source, batch.source_padding_mask, batch.target.shape[1] - 1)
+        return is_exact(output, batch.target)
+
     def exact_match(self, batch: ReversalBatch) -> float:
         """Share of the examples whose greedy output matches the target up to and including EOS."""
-        target = batch.target                                                # [batch, tgt_len]
-        output = self.greedy(batch.source, batch.source_padding_mask, target.shape[1] - 1)
-        correct = (output == target) | (target == PAD)                       # [batch, tgt_len]
-        return correct.all(1).float().mean().item()
+        return self.matches(batch).float().mean().item()
+
+
+def is_exact(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Bool ``[batch]``: ``output [batch, tgt_len]`` equals ``target`` at every position before
+    the target's padding (so up to and including EOS; what comes after EOS is not scored)."""
+    return ((output == target) | (target == PAD)).all(1)
 
 
 def fit(model: EncoderDecoder, task: ReversalTask, *, steps: int, batch_size: int, lr: float = 3e-3,
         warmup_steps: int = 50, weight_decay: float = 0.01, grad_clip: float = 1.0, seed: int = 0) -> list[float]:
     """Train ``model`` on fresh batches of ``task`` drawn from ``torch.Generator().manual_seed(seed)``,
-    with AdamW (decay on the weight matrices, :func:`~feedback_lib.train.param_groups`), linear
-    warmup then cosine decay and gradient clipping; returns the loss of every step (nats per token)."""
+    with :func:`~feedback_lib.train.optimizer_and_schedule` (AdamW with decay on the weight
+    matrices, linear warmup then cosine decay) and gradient clipping; returns the loss of every step (nats per token)."""
     check_positive_int("steps", steps)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(min(warmup_steps, steps), steps))
+    optimizer, scheduler = optimizer_and_schedule(model, lr=lr, weight_decay=weight_decay,
+                                                  warmup_steps=min(warmup_steps, steps), steps=steps, betas=(0.9, 0.98))
     losses = []
     model.train()
     for step in range(steps):

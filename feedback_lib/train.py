@@ -264,6 +264,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: to
     return loss.detach()
 
 
+def optimizer_and_schedule(model: nn.Module, *, lr: float, weight_decay: float, warmup_steps: int, steps: int,
+                           min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), fused: bool = False
+                           ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over :func:`param_groups` and its learning-rate schedule: linear warmup over
+    ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr`` at ``steps``
+    (:class:`~feedback_lib.schedule.WarmupCosine`). Shared by :func:`train` and the task helpers
+    of chapters 10 and 11."""
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, steps, min_lr_ratio))
+    return optimizer, scheduler
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: tuple[torch.Tensor, torch.Tensor], precision: Precision,
              place: distributed.Distributed, device: torch.device, rows: int = 16) -> float:
@@ -324,10 +336,9 @@ def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
     torch.manual_seed(config.seed)
     model_config = config.model_config(tokenizer.n_vocab)
     model = build_model(config.model, model_config).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95),
-                                  fused=device.type in ("cpu", "cuda"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(config.warmup_steps, config.steps, config.min_lr_ratio))
+    optimizer, scheduler = optimizer_and_schedule(
+        model, lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps, steps=config.steps,
+        min_lr_ratio=config.min_lr_ratio, fused=device.type in ("cpu", "cuda"))
     scaler = precision.scaler()
     history, start = History(), 0
 

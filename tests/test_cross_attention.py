@@ -263,3 +263,14 @@ def test_a_short_training_run_reduces_the_loss():
     assert 0.0 <= model.exact_match(held_out) <= 1.0
     output = model.greedy(held_out.source, held_out.source_padding_mask, 3)
     assert output.shape == (8, 4) and torch.all(output[:, 0] == seq2seq.BOS)
+
+
+def test_is_exact_scores_up_to_eos_only():
+    target = torch.tensor([[seq2seq.BOS, 5, 4, seq2seq.EOS, seq2seq.PAD], [seq2seq.BOS, 6, seq2seq.EOS, seq2seq.PAD, seq2seq.PAD]])
+    after_eos = target.clone()
+    after_eos[:, -1] = 7                                      # what follows EOS is not scored
+    assert seq2seq.is_exact(after_eos, target).tolist() == [True, True]
+    wrong = after_eos.clone()
+    wrong[0, 2] = 9                                           # a wrong symbol
+    wrong[1, 2] = 9                                           # a missing EOS
+    assert seq2seq.is_exact(wrong, target).tolist() == [False, False]
