@@ -1,7 +1,8 @@
 # Two commands for a fresh machine (see README.md):
 #   make book   set up .venv and build the website into _build/html
-#   make test   set up .venv, run the library tests, execute every chapter (fast mode) and build
-#               the website with warnings as errors (what CI runs: .ci/run)
+#   make test   set up .venv, run the library tests, execute every chapter (fast mode), build the
+#               website with warnings as errors and open every page in headless Chromium (what CI
+#               runs: .ci/run)
 # For maintainers: `make notebooks` re-executes every chapter in full mode and stores the outputs.
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ CHAPTERS := $(wildcard book/*.ipynb)
 SHAKESPEARE := $(abspath ../shared/data/tinyshakespeare.txt)
 export FEEDBACK_LIB_SHAKESPEARE ?= $(if $(wildcard $(SHAKESPEARE)),$(SHAKESPEARE))
 
-.PHONY: setup book test notebooks clean
+.PHONY: setup book test browser notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +20,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	# tests/test_colab_install.py runs pip offline; the isolated build of feedback_lib needs setuptools.
+	$(BIN)/python -m pip download --quiet --no-deps --dest $(VENV)/wheelhouse "setuptools>=77"
 	touch $@
 
 book: setup
@@ -26,9 +29,27 @@ book: setup
 
 # pytest exits with 5 when it collects nothing, which fails the target. FEEDBACK_LIB_NATIVE=require
 # makes a failed build of the C++ step loops an error instead of a silent fall-back to Python.
-test: setup
-	FEEDBACK_LIB_FAST=1 FEEDBACK_LIB_NATIVE=require $(BIN)/python -m pytest --nbval-lax --nbval-current-env tests book
+test: setup browser
+	FEEDBACK_LIB_FAST=1 FEEDBACK_LIB_NATIVE=require $(BIN)/python -m pytest --nbval-lax --nbval-current-env \
+		--ignore=tests/browser tests book
 	$(BIN)/jupyter-book build -W --keep-going .
+	FEEDBACK_BOOK_BROWSER=require $(BIN)/python -m pytest tests/browser
+
+# The browser test (tests/browser) drives Debian's Chromium with its ChromeDriver. Installed here when
+# missing and apt-get can (as root, as in CI); elsewhere install them yourself or point CHROMIUM and
+# CHROMEDRIVER at your own copies.
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
+export CHROMIUM CHROMEDRIVER
+browser:
+	@if [ -x "$(CHROMIUM)" ] && [ -x "$(CHROMEDRIVER)" ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "make test opens the website in Chromium: install Debian's chromium and chromium-driver" \
+		     "packages (sudo apt-get install chromium chromium-driver), or set CHROMIUM and CHROMEDRIVER" >&2; \
+		exit 1; \
+	fi
 
 notebooks: setup
 	cd book && for nb in $(notdir $(CHAPTERS)); do ../$(BIN)/jupyter execute --inplace --timeout=3600 $$nb || exit 1; done

@@ -1,0 +1,258 @@
+"""Every page of the built website, opened in headless Chromium from a localhost server.
+
+Each page is loaded once (:func:`visit`); the tests then check what the browser saw: math typeset by
+the site's own MathJax with no TeX errors and no raw TeX left in the prose, every image loaded,
+nothing fetched from another host, no console errors, no widget placeholder, every internal link and
+anchor resolving, and a well-formed Colab link on every chapter. A screenshot of each page is kept in
+``_build/screenshots/``.
+
+The site must be built first (``make book``; ``make test`` builds it before running this file).
+Chromium and ChromeDriver come from Debian's ``chromium`` and ``chromium-driver`` packages
+(``make browser`` installs them where apt-get can). Without them the tests are skipped, unless
+``FEEDBACK_BOOK_BROWSER=require`` (set by ``make test``) turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urldefrag, urlsplit
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SITE = ROOT / "_build" / "html"
+SCREENSHOTS = ROOT / "_build" / "screenshots"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
+REQUIRE_ENV = "FEEDBACK_BOOK_BROWSER"
+#: The flags that keep Chromium quiet on a machine without a network (no update or sync traffic).
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1280,1000"]
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get(REQUIRE_ENV, "").lower() == "require":
+        pytest.fail(f"{reason} ({REQUIRE_ENV}=require)", pytrace=False)
+    pytest.skip(reason)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args) -> None:     # noqa: A002 (the base class's name)
+        pass
+
+
+@pytest.fixture(scope="session")
+def site() -> Path:
+    if not (SITE / "index.html").is_file():
+        _unavailable(f"no built website at {SITE}: run `make book` first")
+    return SITE
+
+
+@pytest.fixture(scope="session")
+def base_url(site: Path) -> Iterator[str]:
+    """``http://127.0.0.1:PORT/``, serving the built site for the whole session."""
+    handler = functools.partial(_QuietHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def driver() -> Iterator[object]:
+    """A headless Chromium driven by ChromeDriver, logging the browser console."""
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not (shutil.which(path) or Path(path).is_file()):
+            _unavailable(f"{path} not found: install Debian's {package} package (`make browser`)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    browser = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    browser.set_page_load_timeout(60)
+    browser.set_script_timeout(60)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    yield browser
+    browser.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import colab_cells  # noqa: E402
+
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
+DOCUMENTS = [TOC["root"], *(entry["file"] for part in TOC["parts"] for entry in part["chapters"])]
+PAGES = ["index.html", "genindex.html", "search.html", *(f"{name}.html" for name in DOCUMENTS)]
+CHAPTERS = [f"{path.relative_to(ROOT).with_suffix('').as_posix()}.html"
+            for path in colab_cells.chapter_notebooks(ROOT) if path.stem != "index"]
+#: TeX that must never reach the reader as text (outside code, where it may be shown on purpose).
+RAW_TEX = re.compile(r"\$\$|\\begin\{|\\end\{|\\(?:frac|sum|sqrt|mathrm|operatorname|top|left|right|cdot)\b")
+
+COLLECT = """
+const done = arguments[arguments.length - 1];
+const finish = () => {
+  const article = document.querySelector("article") || document.body;
+  const prose = article.cloneNode(true);
+  prose.querySelectorAll("pre, code, mjx-container, script, style, .cell_output").forEach(e => e.remove());
+  const maths = Array.from(document.querySelectorAll(".math"));
+  done({
+    title: document.title,
+    url: location.href,
+    maths: maths.length,
+    untypeset: maths.filter(e => !e.querySelector("mjx-container")).map(e => e.textContent.slice(0, 80)),
+    tex_errors: Array.from(document.querySelectorAll("mjx-merror")).map(e => e.textContent.slice(0, 80)),
+    mathjax: window.MathJax && window.MathJax.version ? window.MathJax.version : null,
+    prose: prose.textContent,
+    images: Array.from(document.images).map(i => ({src: i.src, ok: i.complete && i.naturalWidth > 0})),
+    resources: Array.from(document.querySelectorAll("script[src], link[href][rel~=stylesheet], img[src], iframe[src]"))
+      .map(e => e.src || e.href),
+    links: Array.from(document.querySelectorAll("a[href]")).map(a => a.href),
+    widgets: document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"], .jupyter-widgets').length,
+    text: document.body.innerText,
+  });
+};
+if (document.querySelector(".math") && window.MathJax && MathJax.startup && MathJax.startup.promise) {
+  MathJax.startup.promise.then(finish, finish);
+} else {
+  finish();
+}
+"""
+
+
+@dataclass
+class PageReport:
+    page: str
+    data: dict
+    console: list[dict] = field(default_factory=list)
+
+
+_REPORTS: dict[str, PageReport] = {}
+
+
+def visit(page: str, driver, base_url: str) -> PageReport:
+    """Open ``page`` once, wait for MathJax, and keep what the browser saw and logged."""
+    if page not in _REPORTS:
+        driver.get_log("browser")                                   # drop what earlier pages logged
+        driver.get(base_url + page)
+        # The top-level index.html only redirects (a meta refresh): wait for the page it leads to.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and driver.execute_script(
+                "return document.readyState !== 'complete' || !document.body"
+                " || !!document.querySelector('meta[http-equiv=refresh]')"):
+            time.sleep(0.05)
+        # Wait for MathJax's script to define itself where a page loads it (it is deferred).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and driver.execute_script(
+                "return !!document.querySelector('script[src*=\"mathjax\"]') && !(window.MathJax && MathJax.startup)"):
+            time.sleep(0.05)
+        data = driver.execute_async_script(COLLECT)
+        time.sleep(0.2)                                             # let late errors reach the log
+        console = driver.get_log("browser")
+        driver.save_screenshot(str(SCREENSHOTS / (page.replace("/", "__").removesuffix(".html") + ".png")))
+        _REPORTS[page] = PageReport(page, data, console)
+    return _REPORTS[page]
+
+
+@pytest.fixture(params=PAGES)
+def report(request, driver, base_url, site) -> PageReport:
+    return visit(request.param, driver, base_url)
+
+
+def test_page_loads_with_no_console_errors(report):
+    errors = [entry["message"] for entry in report.console if entry["level"] == "SEVERE"]
+    assert not errors, f"{report.page}: console errors: {errors}"
+    assert "404" not in report.data["title"], f"{report.page}: not found"
+
+
+def test_math_is_typeset_by_the_sites_own_mathjax(report, base_url):
+    data = report.data
+    if data["maths"]:
+        assert data["mathjax"] and data["mathjax"].startswith("3."), f"{report.page}: MathJax 3 did not load"
+    assert not data["untypeset"], f"{report.page}: math left untypeset: {data['untypeset'][:5]}"
+    assert not data["tex_errors"], f"{report.page}: TeX errors: {data['tex_errors'][:5]}"
+    raw = sorted(set(RAW_TEX.findall(data["prose"])))
+    assert not raw, f"{report.page}: raw TeX in the text: {raw}"
+
+
+def test_everything_loads_from_the_site_itself(report, base_url):
+    foreign = [url for url in report.data["resources"] if not url.startswith(base_url)]
+    assert not foreign, f"{report.page}: loads from other hosts (the site must work offline): {foreign}"
+    broken = [image["src"] for image in report.data["images"] if not image["ok"]]
+    assert not broken, f"{report.page}: images that did not load: {broken}"
+
+
+def test_no_widget_placeholder(report):
+    assert report.data["widgets"] == 0, f"{report.page}: a widget view with no widget JavaScript to draw it"
+    assert "Loading widget" not in report.data["text"]
+
+
+class _Ids(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if name in ("id", "name") and value:
+                self.ids.add(value)
+
+
+def _ids(path: Path) -> set[str]:
+    parser = _Ids()
+    parser.feed(path.read_text(errors="replace"))
+    return parser.ids
+
+
+def test_internal_links_resolve(report, base_url, site):
+    broken = []
+    for link in report.data["links"]:
+        if not link.startswith(base_url):
+            continue
+        url, fragment = urldefrag(link)
+        path = site / unquote(urlsplit(url).path).lstrip("/")
+        if path.is_dir():
+            path = path / "index.html"
+        if not path.is_file():
+            broken.append(link)
+        elif fragment and path.suffix == ".html" and unquote(fragment) not in _ids(path):
+            broken.append(link)
+    assert not broken, f"{report.page}: internal links that do not resolve: {sorted(set(broken))}"
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_chapter_has_a_well_formed_colab_link(page, driver, base_url, site):
+    url, branch = colab_cells.repository(ROOT)
+    owner_repo = urlsplit(url).path.strip("/")
+    expected = f"https://colab.research.google.com/github/{owner_repo}/blob/{branch}/{page.removesuffix('.html')}.ipynb"
+    links = [link for link in visit(page, driver, base_url).data["links"] if "colab.research.google.com" in link]
+    assert links == [expected], f"{page}: Colab links {links}, expected [{expected}]"
+    assert (ROOT / f"{page.removesuffix('.html')}.ipynb").is_file()
+
+
+def test_every_page_has_a_screenshot(driver, base_url, site):
+    for page in PAGES:
+        visit(page, driver, base_url)
+    shots = sorted(path.name for path in SCREENSHOTS.glob("*.png"))
+    assert len(shots) >= len(PAGES), shots
