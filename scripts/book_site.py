@@ -6,8 +6,8 @@
   goes under ``_static/``, where Jupyter Book would turn every ``.js`` file into a script tag.
 - **Execution status.** The ``{execution-status}`` directive tabulates, for every chapter in
   ``_toc.yml``, when its stored outputs were produced and how long the run took, from the timing
-  that Jupyter's executor records in each cell's metadata. With ``:colab:`` it adds the estimated
-  time in Colab (the teaching guide).
+  that Jupyter's executor records in each cell's metadata. With ``:colab:`` it shows the measured
+  time beside the estimated time on a Colab GPU runtime instead (the teaching guide).
 - **Browser hygiene.** One copy of each inline script (see :func:`_drop_repeated_scripts`), a colour
   mode for the theme, and ``/favicon.ico``, so that no page logs an error in the console.
 - **Student versions.** After a successful build, ``scripts/student_versions.py`` writes every
@@ -36,6 +36,8 @@ import student_versions
 MATHJAX_PACKAGE = "sphinx-mathjax-offline"
 #: Where the student versions go, relative to the HTML output folder.
 STUDENT_DIR = "student"
+#: Code that moves a chapter's work to a GPU when there is one.
+GPU_CODE = r"""device\s*=\s*["']auto["']|cuda\.is_available\(\)"""
 
 
 def mathjax_folder() -> Path:
@@ -57,9 +59,8 @@ class ExecutionRecord:
     path: Path
     started: datetime            # the first timed cell's start, UTC
     seconds: float               # the sum of the timed cells' durations
-    timed_cells: int
-    code_cells: int
-    uses_gpu: bool               # a cell asks for device="auto" (the GPU when there is one)
+    uses_gpu: bool               # a cell picks the GPU when there is one
+    threads: int | None          # set by the chapter with torch.set_num_threads, else the machine's 2
 
 
 def _timestamp(text: str) -> datetime:
@@ -79,10 +80,11 @@ def execution_record(path: Path) -> ExecutionRecord:
         raise ValueError(f"{path.name} has no cell timing: execute it with `jupyter execute --inplace` "
                          "(see the Makefile's `notebooks` target)")
     sources = "\n".join("".join(cell["source"]) for cell in code)
+    threads = re.search(r"set_num_threads\((\d+)\)", sources)
     return ExecutionRecord(path=path, started=min(start for start, _ in spans),
                            seconds=sum((end - start).total_seconds() for start, end in spans),
-                           timed_cells=len(spans), code_cells=len(code),
-                           uses_gpu=re.search(r"""device\s*=\s*["']auto["']""", sources) is not None)
+                           uses_gpu=re.search(GPU_CODE, sources) is not None,
+                           threads=int(threads.group(1)) if threads else None)
 
 
 def execution_records(root: Path = colab_cells.ROOT) -> list[ExecutionRecord]:
@@ -100,15 +102,20 @@ def format_duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def measured(record: ExecutionRecord) -> str:
+    """The measured run time, with the thread count where the chapter set its own."""
+    threads = "" if record.threads is None else f" ({record.threads} thread{'s' * (record.threads != 1)})"
+    return format_duration(record.seconds) + threads
+
+
 def colab_estimate(record: ExecutionRecord) -> str:
-    """The estimated Colab time, derived from the measured CPU time (see the teaching guide)."""
-    cpu = format_duration(record.seconds)
+    """The estimated time on a Colab GPU runtime (the teaching guide gives the reasons)."""
     if record.uses_gpu:
-        return f"about {cpu} or less (trains on the GPU if there is one)"
-    return f"about {cpu} (runs on the CPU)"
+        return "not measured: runs on the GPU there, partly with other code; same order as the CPU (estimated)"
+    return "the CPU time or more: runs on Colab's CPU (estimated)"
 
 
-def _table(header: list[str], rows: list[list[nodes.Node | str]]) -> nodes.table:
+def _table(header: list[str], widths: list[int], rows: list[list[nodes.Node | str]]) -> nodes.table:
     """A docutils table (parser-independent, unlike text handed to nested_parse)."""
 
     def row(cells: list[nodes.Node | str]) -> nodes.row:
@@ -120,7 +127,7 @@ def _table(header: list[str], rows: list[list[nodes.Node | str]]) -> nodes.table
         return line
 
     group = nodes.tgroup(cols=len(header))
-    group += [nodes.colspec(colwidth=1) for _ in header]
+    group += [nodes.colspec(colwidth=width) for width in widths]
     group += nodes.thead("", row(list(header)))
     group += nodes.tbody("", *(row(cells) for cells in rows))
     return nodes.table("", group, classes=["execution-status"])
@@ -137,16 +144,15 @@ class ExecutionStatus(SphinxDirective):
         for record in records:
             self.env.note_dependency(str(record.path))
         if "colab" in self.options:
-            header = ["Chapter", "2-core CPU, 2 threads (measured)", "Colab (estimated)"]
-            rows = [[self._link(record, root), format_duration(record.seconds), colab_estimate(record)]
-                    for record in records]
+            header, widths = ["Chapter", "2-core CPU (measured)", "Colab GPU runtime (estimated)"], [4, 2, 4]
+            rows = [[self._link(record, root), measured(record), colab_estimate(record)] for record in records]
         else:
-            header = ["Chapter", "Outputs produced (UTC)", "Run time, 2-core CPU (measured)", "Cells timed"]
-            rows = [[self._link(record, root), record.started.strftime("%Y-%m-%d %H:%M"),
-                     format_duration(record.seconds), f"{record.timed_cells} of {record.code_cells}"]
+            header, widths = ["Chapter", "Outputs produced (UTC)", "Run time, 2-core CPU (measured)"], [5, 3, 3]
+            rows = [[self._link(record, root), record.started.strftime("%Y-%m-%d %H:%M"), measured(record)]
                     for record in records]
         total = sum(record.seconds for record in records)
-        return [_table(header, rows), nodes.paragraph(text=f"All chapters together: {format_duration(total)}.")]
+        return [_table(header, widths, rows),
+                nodes.paragraph(text=f"All chapters together: {format_duration(total)} on the CPU.")]
 
     def _link(self, record: ExecutionRecord, root: Path) -> nodes.paragraph:
         target = "/" + record.path.relative_to(root).with_suffix("").as_posix()

@@ -32,7 +32,7 @@ ANSWER_CELL = "# Your answer to the exercise above.\n"
 ZIP_NAME = "feedback-transformer-student-notebooks.zip"
 HEADER = ("**Student version.** The solutions of the exercises are removed and the outputs cleared; "
           "run the cells top to bottom. The full chapter, with solutions and the outputs of a real run, "
-          "is on the book's website.")
+          "is on the book's website and in its repository, {url}.")
 
 
 def strip_solutions(markdown: str) -> str:
@@ -52,8 +52,9 @@ def strip_solutions(markdown: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "".join(kept)).rstrip("\n")
 
 
-def student_notebook(notebook: dict) -> dict:
-    """The student version of one chapter notebook (the input is left unchanged)."""
+def student_notebook(notebook: dict, url: str) -> dict:
+    """The student version of one chapter notebook of the book at repository ``url`` (the input is
+    left unchanged)."""
     student = copy.deepcopy(notebook)
     cells = []
     for cell in student["cells"]:
@@ -71,7 +72,7 @@ def student_notebook(notebook: dict) -> dict:
         cell["source"] = source.splitlines(keepends=True)
         cells.append(cell)
     student["cells"] = [{"cell_type": "markdown", "id": "student-version", "metadata": {},
-                         "source": [HEADER]}] + cells
+                         "source": [HEADER.format(url=url)]}] + cells
     student["metadata"].pop("widgets", None)              # saved widget state belongs to the run
     return student
 
@@ -79,10 +80,10 @@ def student_notebook(notebook: dict) -> dict:
 def write_student_versions(out_dir: Path, root: Path = colab_cells.ROOT) -> list[Path]:
     """Write the student version of every chapter in ``_toc.yml`` and a zip of them to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, (url, _) = [], colab_cells.repository(root)
     for path in colab_cells.chapter_notebooks(root):
         target = out_dir / path.name
-        notebook = student_notebook(json.loads(path.read_text()))
+        notebook = student_notebook(json.loads(path.read_text()), url)
         target.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
         written.append(target)
     with zipfile.ZipFile(out_dir / ZIP_NAME, "w", zipfile.ZIP_DEFLATED) as archive:
