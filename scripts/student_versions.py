@@ -1,6 +1,6 @@
 """Student versions of the chapters: exercise solutions and answer cells removed, outputs cleared.
 
-A chapter marks its answers in two ways (``tests/test_book.py`` checks both exist):
+A chapter marks its answers in two ways (``tests/test_book.py`` requires the dropdowns):
 
 - prose solutions are colon-fenced dropdowns that open with ``:::{admonition} Solution``;
 - code that answers an exercise is a cell tagged ``solution``.

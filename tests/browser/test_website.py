@@ -92,7 +92,8 @@ def driver() -> Iterator[object]:
     browser = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     browser.set_page_load_timeout(60)
     browser.set_script_timeout(60)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(SCREENSHOTS, ignore_errors=True)          # only this run's screenshots count
+    SCREENSHOTS.mkdir(parents=True)
     yield browser
     browser.quit()
     shutil.rmtree(profile, ignore_errors=True)
@@ -141,6 +142,10 @@ if (document.querySelector(".math") && window.MathJax && MathJax.startup && Math
 """
 
 
+def _screenshot_name(page: str) -> str:
+    return page.replace("/", "__").removesuffix(".html") + ".png"
+
+
 @dataclass
 class PageReport:
     page: str
@@ -170,7 +175,7 @@ def visit(page: str, driver, base_url: str) -> PageReport:
         data = driver.execute_async_script(COLLECT)
         time.sleep(0.2)                                             # let late errors reach the log
         console = driver.get_log("browser")
-        driver.save_screenshot(str(SCREENSHOTS / (page.replace("/", "__").removesuffix(".html") + ".png")))
+        driver.save_screenshot(str(SCREENSHOTS / _screenshot_name(page)))
         _REPORTS[page] = PageReport(page, data, console)
     return _REPORTS[page]
 
@@ -219,7 +224,9 @@ class _Ids(HTMLParser):
                 self.ids.add(value)
 
 
+@functools.cache
 def _ids(path: Path) -> set[str]:
+    """The ids and anchor names of a built page (parsed once, however many links point to it)."""
     parser = _Ids()
     parser.feed(path.read_text(errors="replace"))
     return parser.ids
@@ -254,5 +261,5 @@ def test_chapter_has_a_well_formed_colab_link(page, driver, base_url, site):
 def test_every_page_has_a_screenshot(driver, base_url, site):
     for page in PAGES:
         visit(page, driver, base_url)
-    shots = sorted(path.name for path in SCREENSHOTS.glob("*.png"))
-    assert len(shots) >= len(PAGES), shots
+    shots = {path.name for path in SCREENSHOTS.glob("*.png") if path.stat().st_size > 0}
+    assert shots == {_screenshot_name(page) for page in PAGES}, shots
