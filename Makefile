@@ -1,9 +1,11 @@
 # Two commands for a fresh machine (see README.md):
 #   make book   set up .venv and build the website into _build/html
-#   make test   set up .venv, run the library tests, execute every chapter (fast mode), build the
-#               website with warnings as errors and open every page in headless Chromium (what CI
-#               runs: .ci/run)
-# For maintainers: `make notebooks` re-executes every chapter in full mode and stores the outputs.
+#   make test   set up .venv, check the style, run the library tests, execute every chapter (fast
+#               mode), build the website with warnings as errors and open every page in headless
+#               Chromium (what CI runs: .ci/run)
+# For maintainers: `make test-lib` runs the library's tests alone (a few minutes, slow tests
+# skipped), `make lint` the style checks, `make notebooks` re-executes every chapter in full mode
+# and stores the outputs.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,14 +14,15 @@ CHAPTERS := $(wildcard book/*.ipynb)
 SHAKESPEARE := $(abspath ../shared/data/tinyshakespeare.txt)
 export FEEDBACK_LIB_SHAKESPEARE ?= $(if $(wildcard $(SHAKESPEARE)),$(SHAKESPEARE))
 
-.PHONY: setup book test browser notebooks clean
+.PHONY: setup book test test-lib lint browser notebooks clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-compare.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-compare.txt
 	# tests/test_colab_install.py runs pip offline; the isolated build of feedback_lib needs setuptools.
 	$(BIN)/python -m pip download --quiet --no-deps --dest $(VENV)/wheelhouse "setuptools>=77"
 	touch $@
@@ -28,12 +31,23 @@ book: setup
 	$(BIN)/jupyter-book build -W --keep-going .
 
 # pytest exits with 5 when it collects nothing, which fails the target. FEEDBACK_LIB_NATIVE=require
-# makes a failed build of the C++ step loops an error instead of a silent fall-back to Python.
-test: setup browser
+# makes a failed build of the C++ step loops an error instead of a silent fall-back to Python;
+# FEEDBACK_LIB_REQUIRE_LABML=1 makes a missing labml an error instead of skipped comparisons.
+export FEEDBACK_LIB_REQUIRE_LABML := 1
+test: setup lint browser
 	FEEDBACK_LIB_FAST=1 FEEDBACK_LIB_NATIVE=require $(BIN)/python -m pytest --nbval-lax --nbval-current-env \
 		--ignore=tests/browser tests book
 	$(BIN)/jupyter-book build -W --keep-going .
 	FEEDBACK_BOOK_BROWSER=require $(BIN)/python -m pytest tests/browser
+
+# The library alone: every test of feedback_lib but the book's, the site's and the slow ones.
+test-lib: setup
+	FEEDBACK_LIB_NATIVE=require $(BIN)/python -m pytest -m "not slow" --ignore=tests/browser \
+		--ignore=tests/test_book.py --ignore=tests/test_site.py tests
+
+lint: setup
+	$(BIN)/ruff check feedback_lib tests scripts
+	$(BIN)/ruff format --check feedback_lib tests scripts
 
 # The browser test (tests/browser) drives Debian's Chromium with its ChromeDriver. Installed here when
 # missing and apt-get can (as root, as in CI); elsewhere install them yourself or point CHROMIUM and

@@ -1,65 +1,74 @@
-"""feedback_lib: the Feedback Transformer (Fan et al., 2020, arXiv:2002.09402) for the book.
+"""feedback_lib: the Feedback Transformer (Fan et al., 2020,
+arXiv:2002.09402) for the book. Every chapter imports its code from here.
 
-Every chapter of the book imports its code from here; nothing reusable is pasted into a notebook.
+The tree shows the architecture:
 
-Shape convention
-----------------
-The core modules are **time-major**, as in the paper's reference code and in labml.ai's
-implementation:
+* ``model``: the model the book teaches. ``scores`` (the attention score,
+  defined once), ``attention``, ``cross_attention``, ``feed_forward``,
+  ``layer``, ``feedback`` (the transformer: one token-by-token forward),
+  ``stack`` and ``memory`` (what it stores), ``lm`` (the language model);
+* ``fast``: the fused loop of the shared key/value model, its C++ step
+  loops, their build and buffers; the transformer takes it through one
+  branch, where it computes exactly what the readable loop computes;
+* ``reference``: from-scratch versions to check against (numpy attention,
+  the naive stack);
+* ``baselines``: the parallel Transformer with its key/value cache, and
+  the parallel twin of the warm start;
+* ``decoding``: one decoder protocol and one ``generate`` for every model;
+* ``training``: the training loop, the command line (``python -m
+  feedback_lib.training``), data, schedules, devices, checkpoints;
+* ``tasks``: the code-execution task (chapter 10), sequence reversal
+  (chapter 11);
+* ``book``: the chapters' helpers: figures, widgets, showing source, the
+  information-flow graphs, the fast mode, random parameters;
+* ``bench``: ``python -m feedback_lib.bench``, speed and memory.
 
-* ``FeedbackAttention``: ``query [batch, d_model]``, ``key``/``value [seq_len, batch, d_model]``
-  (or ``[seq_len, batch, heads, d_k]`` when the keys and values are precomputed);
-* ``FeedbackTransformer`` / ``FeedbackTransformerKV``: ``x_seq [seq_len, batch, d_model]``;
-* every memory tensor (:class:`FeedbackMemory`): ``[length, batch, ...]``, oldest step first;
-* an encoder's output read by cross-attention (:class:`CrossAttention`, chapter 11): ``context
-  [context_len, batch, d_model]``, its padding mask ``[batch, context_len]`` (bool, True = padding,
-  as PyTorch's ``key_padding_mask``).
+Shapes: the core modules are **time-major**, as in labml.ai's
+implementation: ``FeedbackAttention`` takes ``query [batch, d_model]``
+and ``key``/``value [seq_len, batch, d_model]``; the transformers take
+``x_seq [seq_len, batch, d_model]``; a memory is ``[length, batch, ...]``,
+oldest step first. :class:`FeedbackLM` is **batch-major** like the rest of
+PyTorch's NLP code: token ids ``[batch, seq]`` in, logits ``[batch, seq,
+n_vocab]`` out; its ``forward`` is the one place where the two meet.
 
-The language model the user calls, :class:`FeedbackLM`, is **batch-major** like the rest of
-PyTorch's NLP code: token ids ``[batch, seq]`` in, logits ``[batch, seq, n_vocab]`` out, and
-``context [batch, context_len, d_model]`` for a model built with ``cross_attention=True``.
-``FeedbackLM.forward`` is the one place where the two conventions meet.
-
-Training (chapter 8) is in submodules, imported by name: ``feedback_lib.data`` (Tiny Shakespeare,
-the character tokenizer, batches), ``schedule`` (learning rate, curriculum), ``devices`` (device
-and precision), ``distributed`` (torchrun), ``checkpoint``, ``warm_start`` (the parallel twin) and
-``train`` (the loop; ``python -m feedback_lib.train --help``). Their batches are token ids
-``[batch, seq]``, as ``FeedbackLM`` takes them.
-
-Generation (chapter 9) uses ``feedback_lib.generation`` (sampling and the step-by-step loop) and
-``kv_cache`` (the parallel baseline's per-layer key/value cache); ``code_execution`` generates the
-paper's state-tracking task (programs over three variables, token ids ``[batch, seq]``).
-Encoder-decoder use (chapter 11): ``feedback_lib.seq2seq`` (the sequence-reversal task, a small
-encoder and the encoder-decoder wrapper around ``FeedbackLM(cross_attention=True)``).
-
-Figures and interactive controls live in ``feedback_lib.plots`` and ``feedback_lib.widgets``
-(they need matplotlib and ipywidgets: ``pip install "feedback_lib[book]"``). The environment
-variable ``FEEDBACK_LIB_FAST=1`` switches the book's experiments to small sizes
-(:func:`by_mode`); CI runs the notebooks that way.
+``FEEDBACK_LIB_FAST=1`` switches the book's experiments to small sizes
+(:func:`by_mode`); CI runs the notebooks that way. The figures need the
+book's extras (``pip install "feedback_lib[book]"``).
 """
 
-from feedback_lib.attention import MAX_POSITIONS, FeedbackAttention, HeadProjection, attention_maps
-from feedback_lib.cross_attention import CrossAttention, cross_attention_maps
-from feedback_lib.fast_mode import FAST_ENV, by_mode, fast_mode
-from feedback_lib.feed_forward import FeedForward
-from feedback_lib.generation import sample_next_token
-from feedback_lib.information_flow import ancestors, computation_depth, flow_edges
-from feedback_lib.lm import FeedbackLM
-from feedback_lib.memory import FeedbackMemory
-from feedback_lib.numpy_reference import (
+from feedback_lib.baselines.parallel import ParallelLM
+from feedback_lib.baselines.twin import ParallelTwinLM
+from feedback_lib.book.fast_mode import FAST_ENV, by_mode, fast_mode
+from feedback_lib.book.information_flow import (
+    ancestors,
+    computation_depth,
+    flow_edges,
+)
+from feedback_lib.book.randomize import randomize_parameters_
+from feedback_lib.decoding import sample_next_token
+from feedback_lib.model.attention import (
+    FeedbackAttention,
+    HeadProjection,
+    attention_maps,
+)
+from feedback_lib.model.cross_attention import CrossAttention
+from feedback_lib.model.feed_forward import FeedForward
+from feedback_lib.model.feedback import (
+    FeedbackTransformer,
+    FeedbackTransformerKV,
+    per_layer_copy,
+)
+from feedback_lib.model.layer import FeedbackTransformerLayer
+from feedback_lib.model.lm import FeedbackLM, cross_attention_maps
+from feedback_lib.model.memory import FeedbackMemory
+from feedback_lib.model.scores import MAX_POSITIONS
+from feedback_lib.model.stack import SharedGradient, Stack, StackFunction
+from feedback_lib.reference.naive_stack import NaiveStack
+from feedback_lib.reference.numpy_attention import (
     attention_weights_numpy,
     feedback_attention_numpy,
     score_terms_numpy,
     softmax_numpy,
-)
-from feedback_lib.parallel import ParallelLM
-from feedback_lib.randomize import randomize_parameters_
-from feedback_lib.stack import NaiveStack, SharedGradient, Stack, StackFunction
-from feedback_lib.transformer import (
-    FeedbackTransformer,
-    FeedbackTransformerKV,
-    FeedbackTransformerLayer,
-    per_layer_copy,
 )
 
 __all__ = [
@@ -76,6 +85,7 @@ __all__ = [
     "MAX_POSITIONS",
     "NaiveStack",
     "ParallelLM",
+    "ParallelTwinLM",
     "SharedGradient",
     "Stack",
     "StackFunction",
@@ -97,13 +107,23 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-#: Submodules that need the book's extras (matplotlib, ipywidgets, IPython); imported on first use,
-#: so ``import feedback_lib`` needs only torch and numpy while ``fl.plots`` still works.
-_BOOK_MODULES = ("display", "plots", "widgets")
+#: Subpackages and modules imported on first use, so that ``fl.training``
+#: works after ``import feedback_lib as fl`` without importing everything.
+_LAZY = (
+    "baselines",
+    "bench",
+    "book",
+    "decoding",
+    "fast",
+    "model",
+    "reference",
+    "tasks",
+    "training",
+)
 
 
 def __getattr__(name: str):
-    if name in _BOOK_MODULES:
+    if name in _LAZY:
         import importlib
 
         return importlib.import_module(f"feedback_lib.{name}")

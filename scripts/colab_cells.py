@@ -1,8 +1,11 @@
-"""Keep every chapter's Colab install cell in step with ``_config.yml``'s ``repository``.
+"""Keep every chapter's Colab install cell in step with ``_config.yml``'s
+``repository``.
 
-The first code cell of each notebook installs ``feedback_lib`` when (and only when) it runs in
-Colab, from ``repository.url`` at ``repository.branch``. ``tests/test_book.py`` checks every
-notebook against :func:`install_cell_source`; after changing the repository in ``_config.yml``, run
+The first code cell of each notebook installs ``feedback_lib`` when (and
+only when) it runs in Colab, from ``repository.url`` at
+``repository.branch``. ``tests/test_book.py`` checks every notebook against
+:func:`install_cell_source`; after changing the repository in
+``_config.yml``, run
 
     python scripts/colab_cells.py
 
@@ -31,15 +34,15 @@ def repository(root: Path = ROOT) -> tuple[str, str]:
 
 
 def install_cell_source(url: str, branch: str) -> str:
-    """The exact source of the install cell for the repository ``url`` at ``branch``."""
+    """The exact source of the install cell for the repository ``url`` at
+    ``branch``."""
     return (
-        "# In Colab, install feedback_lib from the book's repository (elsewhere: see the README).\n"
-        "import subprocess\n"
-        "import sys\n"
-        "\n"
+        "# In Colab, install feedback_lib from the book's repository "
+        "(elsewhere: see the README).\nimport subprocess\nimport sys\n\n"
         'if "google.colab" in sys.modules:\n'
-        "    subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"--quiet\",\n"
-        f"                    \"feedback_lib[book] @ git+{url}@{branch}\"], check=True)"
+        # The cell exactly as stored in every chapter:
+        '    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",\n'  # noqa: E501
+        f'                    "feedback_lib[book] @ git+{url}@{branch}"], check=True)'  # noqa: E501
     )
 
 
@@ -49,11 +52,18 @@ def chapter_notebooks(root: Path = ROOT) -> list[Path]:
     files = [toc["root"]]
     for part in toc.get("parts", [toc]):
         files += [entry["file"] for entry in part.get("chapters", [])]
-    return [root / f"{name}.ipynb" for name in files if (root / f"{name}.ipynb").exists()]
+    return [
+        root / f"{name}.ipynb"
+        for name in files
+        if (root / f"{name}.ipynb").exists()
+    ]
 
 
 def first_code_cell(notebook: dict) -> dict | None:
-    return next((cell for cell in notebook["cells"] if cell["cell_type"] == "code"), None)
+    return next(
+        (cell for cell in notebook["cells"] if cell["cell_type"] == "code"),
+        None,
+    )
 
 
 def main() -> int:
@@ -62,18 +72,36 @@ def main() -> int:
     for path in chapter_notebooks():
         notebook = json.loads(path.read_text())
         cell = first_code_cell(notebook)
-        if cell is not None and "".join(cell["source"]) == expected and cell["metadata"].get("tags") == INSTALL_TAGS:
+        if (
+            cell is not None
+            and "".join(cell["source"]) == expected
+            and cell["metadata"].get("tags") == INSTALL_TAGS
+        ):
             continue
         if cell is None or "google.colab" not in "".join(cell["source"]):
             # No install cell yet: insert one before the first code cell.
-            cell = {"cell_type": "code", "execution_count": None, "id": uuid.uuid4().hex[:8], "metadata": {},
-                    "outputs": [], "source": []}
-            position = next((i for i, c in enumerate(notebook["cells"]) if c["cell_type"] == "code"),
-                            len(notebook["cells"]))
+            cell = {
+                "cell_type": "code",
+                "execution_count": None,
+                "id": uuid.uuid4().hex[:8],
+                "metadata": {},
+                "outputs": [],
+                "source": [],
+            }
+            position = next(
+                (
+                    i
+                    for i, c in enumerate(notebook["cells"])
+                    if c["cell_type"] == "code"
+                ),
+                len(notebook["cells"]),
+            )
             notebook["cells"].insert(position, cell)
         cell["source"] = expected.splitlines(keepends=True)
         cell["metadata"]["tags"] = list(INSTALL_TAGS)
-        path.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
+        path.write_text(
+            json.dumps(notebook, indent=1, ensure_ascii=False) + "\n"
+        )
         print(f"{path.relative_to(ROOT)}: install cell written")
     return 0
 

@@ -1,14 +1,19 @@
-"""Student versions of the chapters: exercise solutions and answer cells removed, outputs cleared.
+"""Student versions of the chapters: exercise solutions and answer cells
+removed, outputs cleared.
 
-A chapter marks its answers in two ways (``tests/test_book.py`` requires the dropdowns):
+A chapter marks its answers in two ways (``tests/test_book.py`` requires the
+dropdowns):
 
-- prose solutions are colon-fenced dropdowns that open with ``:::{admonition} Solution``;
+- prose solutions are colon-fenced dropdowns that open with
+  ``:::{admonition} Solution``;
 - code that answers an exercise is a cell tagged ``solution``.
 
-The student version drops every solution block, replaces every ``solution`` cell with an empty cell
-that asks for the reader's answer, clears all outputs (students run the notebook themselves) and
-opens with a note that says where it came from. The website's build writes them to
-``_build/html/student/`` with a zip of all of them (``scripts/book_site.py``); by hand:
+The student version drops every solution block, replaces every ``solution``
+cell with an empty cell that asks for the reader's answer, clears all
+outputs (students run the notebook themselves) and opens with a note that
+says where it came from. The website's build writes them to
+``_build/html/student/`` with a zip of all of them
+(``scripts/book_site.py``); by hand:
 
     python scripts/student_versions.py OUT_DIR
 """
@@ -24,19 +29,24 @@ from pathlib import Path
 
 import colab_cells
 
-#: A line that opens a prose solution: a colon fence (three or more colons) and the admonition.
+#: A line that opens a prose solution: a colon fence (three or more colons)
+# and the admonition.
 SOLUTION_OPENING = re.compile(r"^(:{3,})\{admonition\}\s+Solution\b")
 #: The tag of code cells that answer an exercise.
 SOLUTION_TAG = "solution"
 ANSWER_CELL = "# Your answer to the exercise above.\n"
 ZIP_NAME = "feedback-transformer-student-notebooks.zip"
-HEADER = ("**Student version.** The solutions of the exercises are removed and the outputs cleared; "
-          "run the cells top to bottom. The full chapter, with solutions and the outputs of a real run, "
-          "is on the book's website and in its repository, {url}.")
+HEADER = (
+    "**Student version.** The solutions of the exercises are removed and "
+    "the outputs cleared; run the cells top to bottom. The full chapter, "
+    "with solutions and the outputs of a real run, is on the book's "
+    "website and in its repository, {url}."
+)
 
 
 def strip_solutions(markdown: str) -> str:
-    """``markdown`` without its ``:::{admonition} Solution`` blocks (fence to matching fence)."""
+    """``markdown`` without its ``:::{admonition} Solution`` blocks (fence
+    to matching fence)."""
     kept, closing = [], None
     for line in markdown.splitlines(keepends=True):
         if closing is None:
@@ -48,13 +58,15 @@ def strip_solutions(markdown: str) -> str:
         elif line.strip() == closing:
             closing = None
     if closing is not None:
-        raise ValueError(f"a solution block opened with {closing!r} is never closed")
+        raise ValueError(
+            f"a solution block opened with {closing!r} is never closed"
+        )
     return re.sub(r"\n{3,}", "\n\n", "".join(kept)).rstrip("\n")
 
 
 def student_notebook(notebook: dict, url: str) -> dict:
-    """The student version of one chapter notebook of the book at repository ``url`` (the input is
-    left unchanged)."""
+    """The student version of one chapter notebook of the book at repository
+    ``url`` (the input is left unchanged)."""
     student = copy.deepcopy(notebook)
     cells = []
     for cell in student["cells"]:
@@ -65,30 +77,49 @@ def student_notebook(notebook: dict, url: str) -> dict:
                 cell["metadata"] = {}
             cell["outputs"], cell["execution_count"] = [], None
             cell["metadata"].pop("execution", None)
-        elif cell["cell_type"] == "markdown" and any(map(SOLUTION_OPENING.match, source.splitlines())):
+        elif cell["cell_type"] == "markdown" and any(
+            map(SOLUTION_OPENING.match, source.splitlines())
+        ):
             source = strip_solutions(source)
             if not source.strip():
                 continue
         cell["source"] = source.splitlines(keepends=True)
         cells.append(cell)
-    student["cells"] = [{"cell_type": "markdown", "id": "student-version", "metadata": {},
-                         "source": [HEADER.format(url=url)]}] + cells
-    student["metadata"].pop("widgets", None)              # saved widget state belongs to the run
+    student["cells"] = [
+        {
+            "cell_type": "markdown",
+            "id": "student-version",
+            "metadata": {},
+            "source": [HEADER.format(url=url)],
+        }
+    ] + cells
+    student["metadata"].pop(
+        "widgets", None
+    )  # saved widget state belongs to the run
     return student
 
 
-def write_student_versions(out_dir: Path, root: Path = colab_cells.ROOT) -> list[Path]:
-    """Write the student version of every chapter in ``_toc.yml`` and a zip of them to ``out_dir``."""
+def write_student_versions(
+    out_dir: Path, root: Path = colab_cells.ROOT
+) -> list[Path]:
+    """Write the student version of every chapter in ``_toc.yml`` and a zip
+    of them to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written, (url, _) = [], colab_cells.repository(root)
     for path in colab_cells.chapter_notebooks(root):
         target = out_dir / path.name
         notebook = student_notebook(json.loads(path.read_text()), url)
-        target.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
+        target.write_text(
+            json.dumps(notebook, indent=1, ensure_ascii=False) + "\n"
+        )
         written.append(target)
-    with zipfile.ZipFile(out_dir / ZIP_NAME, "w", zipfile.ZIP_DEFLATED) as archive:
+    with zipfile.ZipFile(
+        out_dir / ZIP_NAME, "w", zipfile.ZIP_DEFLATED
+    ) as archive:
         for target in written:
-            archive.write(target, f"feedback-transformer-student/{target.name}")
+            archive.write(
+                target, f"feedback-transformer-student/{target.name}"
+            )
     return written
 
 

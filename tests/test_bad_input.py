@@ -1,9 +1,9 @@
 """Every kind of bad input raises an error that names the argument and what was expected."""
 
+import feedback_lib as fl
 import pytest
 import torch
 
-import feedback_lib as fl
 from helpers import D_MODEL, make_lm, make_transformer
 
 
@@ -13,14 +13,26 @@ def attn():
 
 
 def test_d_model_not_divisible_by_heads():
-    with pytest.raises(ValueError, match=r"d_model must be divisible by heads, got d_model=10, heads=4"):
+    with pytest.raises(
+        ValueError, match=r"d_model must be divisible by heads, got d_model=10, heads=4"
+    ):
         fl.FeedbackAttention(4, 10)
     with pytest.raises(ValueError, match="divisible"):
         fl.FeedbackLM(5, d_model=10, heads=3, n_layers=1, d_ff=8)
 
 
-@pytest.mark.parametrize("bad", [dict(heads=0), dict(d_model=-1), dict(n_layers=0), dict(d_ff=2.5),
-                                 dict(dropout=1.5), dict(mem_len=0), dict(mem_len=5000)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(heads=0),
+        dict(d_model=-1),
+        dict(n_layers=0),
+        dict(d_ff=2.5),
+        dict(dropout=1.5),
+        dict(mem_len=0),
+        dict(mem_len=5000),
+    ],
+)
 def test_bad_constructor_values(bad):
     args = dict(n_vocab=5, d_model=8, heads=2, n_layers=1, d_ff=8) | bad
     name = next(iter(bad))
@@ -28,12 +40,27 @@ def test_bad_constructor_values(bad):
         fl.FeedbackLM(args.pop("n_vocab"), **args)
 
 
-@pytest.mark.parametrize("which, shape, message", [
-    ("query", (2, 3, 16), r"query must have shape \[batch, d_model=16\] \(2 dimensions\), got shape \[2, 3, 16\]"),
-    ("query", (2, 8), r"query must have shape \[batch, d_model=16\], got \[2, 8\] \(d_model is 8, expected 16\)"),
-    ("key", (5, 16), r"key must have shape \[seq_len, batch, d_model=16\]"),
-    ("value", (5, 2, 12), r"value must have shape \[seq_len, batch, d_model=16\], got \[5, 2, 12\]"),
-])
+@pytest.mark.parametrize(
+    "which, shape, message",
+    [
+        (
+            "query",
+            (2, 3, 16),
+            r"query must have shape \[batch, d_model=16\] \(2 dimensions\), got shape \[2, 3, 16\]",
+        ),
+        (
+            "query",
+            (2, 8),
+            r"query must have shape \[batch, d_model=16\], got \[2, 8\] \(d_model is 8, expected 16\)",
+        ),
+        ("key", (5, 16), r"key must have shape \[seq_len, batch, d_model=16\]"),
+        (
+            "value",
+            (5, 2, 12),
+            r"value must have shape \[seq_len, batch, d_model=16\], got \[5, 2, 12\]",
+        ),
+    ],
+)
 def test_wrong_rank_or_shape(attn, which, shape, message):
     inputs = dict(query=torch.randn(2, 16), key=torch.randn(5, 2, 16), value=torch.randn(5, 2, 16))
     inputs[which] = torch.randn(shape)
@@ -48,12 +75,17 @@ def test_precomputed_key_must_be_split_into_heads():
 
 
 def test_not_a_tensor(attn):
-    with pytest.raises(TypeError, match=r"query must be a torch.Tensor of shape \[batch, d_model\], got list"):
+    with pytest.raises(
+        TypeError, match=r"query must be a torch.Tensor of shape \[batch, d_model\], got list"
+    ):
         attn([[0.0] * 16], torch.randn(5, 1, 16), torch.randn(5, 1, 16))
 
 
 def test_batch_of_query_and_memory_differ(attn):
-    with pytest.raises(ValueError, match="batch sizes differ: query has batch 3, key has batch 2, value has batch 2"):
+    with pytest.raises(
+        ValueError,
+        match="batch sizes differ: query has batch 3, key has batch 2, value has batch 2",
+    ):
         attn(torch.randn(3, 16), torch.randn(5, 2, 16), torch.randn(5, 2, 16))
 
 
@@ -64,7 +96,9 @@ def test_key_and_value_lengths_differ(attn):
 
 def test_memory_longer_than_4096(attn):
     long = torch.zeros(fl.MAX_POSITIONS + 1, 1, 16)
-    with pytest.raises(ValueError, match="4097 steps but FeedbackAttention has only 4096 relative positions"):
+    with pytest.raises(
+        ValueError, match="4097 steps but FeedbackAttention has only 4096 relative positions"
+    ):
         attn(torch.zeros(1, 16), long, long)
     model = make_transformer(True)
     with pytest.raises(ValueError, match="attend to a memory of 4097 steps.*set mem_len <= 4096"):
@@ -74,8 +108,9 @@ def test_memory_longer_than_4096(attn):
 def test_memory_longer_than_4096_across_calls():
     lm = make_lm()
     _, memory = lm(torch.zeros(1, 3, dtype=torch.long), return_memory=True)
-    full = fl.FeedbackMemory(tuple(t[:1].expand(fl.MAX_POSITIONS, -1, -1, -1) for t in memory.tensors),
-                             memory.signature)
+    full = fl.FeedbackMemory(
+        tuple(t[:1].expand(fl.MAX_POSITIONS, -1, -1, -1) for t in memory.tensors), memory.signature
+    )
     with pytest.raises(ValueError, match="memory of 4097 steps"):
         lm(torch.zeros(1, 2, dtype=torch.long), full)
 
@@ -85,7 +120,9 @@ def test_token_ids_outside_the_vocabulary(bad_id):
     lm = make_lm()
     tokens = torch.zeros(2, 4, dtype=torch.long)
     tokens[1, 2] = bad_id
-    with pytest.raises(ValueError, match=rf"tokens holds id {bad_id}, outside the vocabulary \[0, 11\)"):
+    with pytest.raises(
+        ValueError, match=rf"tokens holds id {bad_id}, outside the vocabulary \[0, 11\)"
+    ):
         lm(tokens)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         lm.generate(tokens, 3)
@@ -93,7 +130,9 @@ def test_token_ids_outside_the_vocabulary(bad_id):
 
 def test_tokens_wrong_rank_or_dtype():
     lm = make_lm()
-    with pytest.raises(ValueError, match=r"tokens must have shape \[batch, seq\] \(2 dimensions\), got shape \[5\]"):
+    with pytest.raises(
+        ValueError, match=r"tokens must have shape \[batch, seq\] \(2 dimensions\), got shape \[5\]"
+    ):
         lm(torch.zeros(5, dtype=torch.long))
     with pytest.raises(TypeError, match="integer token ids.*torch.float32"):
         lm(torch.zeros(1, 5))
@@ -109,31 +148,42 @@ def test_empty_sequence(call):
             make_transformer(False)(torch.zeros(0, 2, D_MODEL))
     else:
         with pytest.raises(ValueError, match=r"key has an empty seq_len axis"):
-            fl.FeedbackAttention(4, 16)(torch.zeros(2, 16), torch.zeros(0, 2, 16), torch.zeros(0, 2, 16))
+            fl.FeedbackAttention(4, 16)(
+                torch.zeros(2, 16), torch.zeros(0, 2, 16), torch.zeros(0, 2, 16)
+            )
 
 
 def test_memory_from_another_configuration():
     _, memory = make_lm(n_vocab=11)(torch.zeros(1, 3, dtype=torch.long), return_memory=True)
     other = fl.FeedbackLM(11, d_model=16, heads=4, n_layers=3, d_ff=32)
-    with pytest.raises(ValueError, match=r"memory was made by a model with configuration "
-                                         r"\('FeedbackTransformerKV', 2, 16, 4\), but this model is "
-                                         r"\('FeedbackTransformerKV', 3, 16, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"memory was made by a model with configuration "
+        r"\('FeedbackTransformerKV', 2, 16, 4\), but this model is "
+        r"\('FeedbackTransformerKV', 3, 16, 4\)",
+    ):
         other(torch.zeros(1, 2, dtype=torch.long), memory)
     with pytest.raises(ValueError, match="FeedbackTransformer'"):
         make_lm(shared_kv=False)(torch.zeros(1, 2, dtype=torch.long), memory)
     with pytest.raises(TypeError, match="memory must be a FeedbackMemory"):
         make_lm()(torch.zeros(1, 2, dtype=torch.long), memory.tensors[0])
-    with pytest.raises(ValueError, match="tokens has batch 2, memory has batch 1"):
+    with pytest.raises(ValueError, match="the input has batch 2, memory has batch 1"):
         make_lm()(torch.zeros(2, 2, dtype=torch.long), memory)
 
 
-@pytest.mark.parametrize("tensors, message", [
-    (lambda k, v: (), r"memory must hold 2 tensor\(s\) \(key, value\), got 0"),
-    (lambda k, v: (k,), r"memory must hold 2 tensor\(s\)"),
-    (lambda k, v: (k, v[:2]), r"memory tensors have different lengths \[2, 3\]"),
-    (lambda k, v: (k[..., :2], v), r"memory \(key\) must have shape \[length, batch, heads=4, d_k=4\]"),
-    (lambda k, v: (k[:0], v[:0]), r"memory \(key\) has an empty length axis"),
-])
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        (lambda k, v: (), r"memory must hold 2 tensor\(s\) \(key, value\), got 0"),
+        (lambda k, v: (k,), r"memory must hold 2 tensor\(s\)"),
+        (lambda k, v: (k, v[:2]), r"memory tensors have different lengths \[2, 3\]"),
+        (
+            lambda k, v: (k[..., :2], v),
+            r"memory \(key\) must have shape \[length, batch, heads=4, d_k=4\]",
+        ),
+        (lambda k, v: (k[:0], v[:0]), r"memory \(key\) has an empty length axis"),
+    ],
+)
 def test_hand_built_memory_is_checked(tensors, message):
     lm = make_lm()
     _, memory = lm(torch.zeros(1, 3, dtype=torch.long), return_memory=True)
@@ -143,7 +193,10 @@ def test_hand_built_memory_is_checked(tensors, message):
 
 
 def test_dtype_mismatch(attn):
-    with pytest.raises(TypeError, match="query has dtype torch.float64 but the module's parameters are torch.float32"):
+    with pytest.raises(
+        TypeError,
+        match="query has dtype torch.float64 but the module's parameters are torch.float32",
+    ):
         attn(torch.randn(2, 16, dtype=torch.float64), torch.randn(5, 2, 16), torch.randn(5, 2, 16))
     with pytest.raises(TypeError, match="x_seq has dtype torch.float16"):
         make_transformer(True)(torch.randn(3, 1, D_MODEL, dtype=torch.float16))
@@ -166,7 +219,9 @@ def test_autocast_accepts_its_own_dtype_only(attn):
 
 def test_device_mismatch(attn):
     meta = torch.empty(2, 16, device="meta")
-    with pytest.raises(ValueError, match="query is on device meta but the module's parameters are on cpu"):
+    with pytest.raises(
+        ValueError, match="query is on device meta but the module's parameters are on cpu"
+    ):
         attn(meta, torch.randn(5, 2, 16), torch.randn(5, 2, 16))
     with pytest.raises(ValueError, match="tokens is on device meta but the model is on cpu"):
         make_lm()(torch.zeros(1, 3, dtype=torch.long, device="meta"))
@@ -181,7 +236,9 @@ def test_bad_sampling_arguments():
         lm.generate(prompt, 2, generator=0)
     with pytest.raises(TypeError, match="prompt must hold integer token ids"):
         lm.generate(prompt.float(), 2)
-    with pytest.raises(ValueError, match=r"logits must have shape \[batch, n_vocab\] \(2 dimensions\)"):
+    with pytest.raises(
+        ValueError, match=r"logits must have shape \[batch, n_vocab\] \(2 dimensions\)"
+    ):
         fl.sample_next_token(torch.zeros(5), top_k=2)
     with pytest.raises(ValueError, match="needs a memory of 4097 steps"):
         lm.generate(prompt, fl.MAX_POSITIONS + 1)
@@ -194,13 +251,23 @@ def test_bad_sampling_arguments():
 
 
 def test_transformer_rejects_the_wrong_attention_kind():
-    layer = fl.FeedbackTransformerLayer(d_model=16, attn=fl.FeedbackAttention(4, 16), feed_forward=fl.FeedForward(16, 32),
-                                        dropout_prob=0.0)
+    layer = fl.FeedbackTransformerLayer(
+        d_model=16,
+        attn=fl.FeedbackAttention(4, 16),
+        feed_forward=fl.FeedForward(16, 32),
+        dropout_prob=0.0,
+    )
     with pytest.raises(ValueError, match="is_kv_precomputed=True"):
         fl.FeedbackTransformerKV(layer, 2, 16, 4)
-    with pytest.raises(ValueError, match="attn was built for d_model=16 but the layer has d_model=8"):
-        fl.FeedbackTransformerLayer(d_model=8, attn=fl.FeedbackAttention(4, 16), feed_forward=fl.FeedForward(8, 8),
-                                    dropout_prob=0.0)
+    with pytest.raises(
+        ValueError, match="attn was built for d_model=16 but the layer has d_model=8"
+    ):
+        fl.FeedbackTransformerLayer(
+            d_model=8,
+            attn=fl.FeedbackAttention(4, 16),
+            feed_forward=fl.FeedForward(8, 8),
+            dropout_prob=0.0,
+        )
 
 
 def test_flags_must_be_booleans():
@@ -214,7 +281,7 @@ def test_flags_must_be_booleans():
 
 def test_layer_errors_name_its_argument():
     layer = make_transformer(False).layers[0]
-    with pytest.raises(ValueError, match="batch sizes differ: x has batch 3, key has batch 2"):
+    with pytest.raises(ValueError, match="batch sizes differ: query has batch 3, key has batch 2"):
         layer(torch.randn(3, D_MODEL), torch.randn(4, 2, D_MODEL), torch.randn(4, 2, D_MODEL))
     with pytest.raises(ValueError, match="key and value must both be given"):
         layer(torch.randn(3, D_MODEL), torch.randn(4, 3, D_MODEL))

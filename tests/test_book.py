@@ -30,7 +30,9 @@ def load(path: Path) -> dict:
 
 
 def markdown(notebook: dict) -> str:
-    return "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "markdown")
+    return "\n".join(
+        "".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "markdown"
+    )
 
 
 def test_every_chapter_is_in_the_toc_and_exists():
@@ -39,14 +41,16 @@ def test_every_chapter_is_in_the_toc_and_exists():
     for name in [toc["root"], *listed]:
         assert list(ROOT.glob(f"{name}.*")), f"{name} is in _toc.yml but has no file"
     on_disk = {str(p.relative_to(ROOT).with_suffix("")) for p in (ROOT / "book").glob("*.ipynb")}
-    assert on_disk <= set(listed), f"notebooks missing from _toc.yml: {sorted(on_disk - set(listed))}"
+    assert on_disk <= set(listed), (
+        f"notebooks missing from _toc.yml: {sorted(on_disk - set(listed))}"
+    )
     assert len(CHAPTERS) >= 5
 
 
 def test_config_pitfalls():
     assert CONFIG["repository"]["branch"] == "main"
     assert {"_build", ".pytest_cache", ".venv"} <= set(CONFIG["exclude_patterns"])
-    assert CONFIG["execute"]["execute_notebooks"] == "off"   # the stored outputs are published
+    assert CONFIG["execute"]["execute_notebooks"] == "off"  # the stored outputs are published
     assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
 
 
@@ -56,7 +60,8 @@ def test_colab_install_cell_matches_config(path):
     cell = colab_cells.first_code_cell(load(path))
     assert cell is not None
     assert "".join(cell["source"]) == colab_cells.install_cell_source(url, branch), (
-        f"{path.name}: the install cell does not match _config.yml; run python scripts/colab_cells.py")
+        f"{path.name}: the install cell does not match _config.yml; run python scripts/colab_cells.py"
+    )
     assert cell["metadata"].get("tags") == colab_cells.INSTALL_TAGS
     assert f"git+{url}@{branch}" in "".join(cell["source"])
 
@@ -65,14 +70,16 @@ def test_colab_install_cell_matches_config(path):
 def test_chapter_is_stored_executed_without_errors(path):
     notebook = load(path)
     code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
-    counts = [c["execution_count"] for c in code[1:]]          # the install cell prints nothing
+    counts = [c["execution_count"] for c in code[1:]]  # the install cell prints nothing
     assert all(n is not None for n in counts), f"{path.name}: some cells were never executed"
     assert counts == sorted(counts), f"{path.name}: cells were not executed top to bottom"
     for cell in code:
         for output in cell["outputs"]:
             assert output["output_type"] != "error", f"{path.name}: a stored output is an error"
             if output.get("name") == "stderr":
-                assert "Traceback" not in "".join(output["text"]), f"{path.name}: a traceback on stderr"
+                assert "Traceback" not in "".join(output["text"]), (
+                    f"{path.name}: a traceback on stderr"
+                )
     assert notebook["metadata"]["kernelspec"]["name"] == "python3"
 
 
@@ -84,11 +91,15 @@ def test_chapter_layout(path):
     positions = [text.find(section) for section in SECTIONS]
     assert -1 not in positions, f"{path.name}: missing one of {SECTIONS}"
     assert positions == sorted(positions), f"{path.name}: sections out of order"
-    exercises = text[positions[-1]:]
-    assert exercises.count(":class: dropdown") >= 3, f"{path.name}: each exercise needs a solution in a dropdown"
+    exercises = text[positions[-1] :]
+    assert exercises.count(":class: dropdown") >= 3, (
+        f"{path.name}: each exercise needs a solution in a dropdown"
+    )
     tagged = [c for c in notebook["cells"] if "nbval-check-output" in c["metadata"].get("tags", [])]
     assert tagged, f"{path.name}: no cell's output is compared by nbval"
-    assert not re.search(r"\bTODO\b|\bFIXME\b", json.dumps(notebook)), f"{path.name}: a TODO is left"
+    assert not re.search(r"\bTODO\b|\bFIXME\b", json.dumps(notebook)), (
+        f"{path.name}: a TODO is left"
+    )
 
 
 def test_references_bib_has_the_cited_works():
@@ -102,34 +113,62 @@ def test_references_bib_has_the_cited_works():
                 assert one.strip() in keys, f"{path.name} cites unknown key {one!r}"
 
 
+#: The widest line of a code block that the website shows without scrolling at 1280 px (measured in
+#: Chromium with the book's theme: 640 px of 8.4 px characters); pyproject.toml's ruff line length.
+LISTING_WIDTH = 76
+
+
+def listing_cells(path: Path):
+    """``(target, stored text)`` of every cell of a chapter ending in ``show_source(...)``."""
+    for cell in load(path)["cells"]:
+        source = "".join(cell["source"]).strip()
+        match = re.search(r"show_source\(([^()]*)\)$", source)
+        if cell["cell_type"] == "code" and match:
+            yield match.group(1), "".join(cell["outputs"][0]["data"]["text/markdown"])
+
+
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
 def test_stored_source_listings_match_the_library(path):
-    """A cell ending in ``show_source(fl.X)`` must show the library's current source of ``fl.X``."""
+    """Every ``show_source(fl.X)`` shows the library's current source of ``fl.X``: a public name
+    (the model, not checking code or private helpers), in lines that fit the website's code block."""
     import feedback_lib as fl
-    from feedback_lib.display import show_source
+    from feedback_lib.book.display import show_source
 
-    for cell in load(path)["cells"]:
-        match = re.search(r"show_source\((fl\.[\w.]+)\)\s*$", "".join(cell["source"]).strip())
-        if cell["cell_type"] != "code" or not match:
-            continue
+    for target, stored in listing_cells(path):
+        assert re.fullmatch(r"fl(\.\w+)+", target), (
+            f"{path.name}: show_source({target}) must name its object from fl (fl.model.lm.FeedbackLM)"
+        )
+        names = target.split(".")[1:]
+        assert not any(name.startswith("_") or "check" in name for name in names), (
+            f"{path.name}: show_source({target}) shows a private name or checking code"
+        )
         obj = fl
-        for name in match.group(1).split(".")[1:]:
+        for name in names:
             if isinstance(obj, types.ModuleType) and not hasattr(obj, name):
-                importlib.import_module(f"{obj.__name__}.{name}")      # a submodule the chapter imported
+                importlib.import_module(f"{obj.__name__}.{name}")
             obj = getattr(obj, name)
-        stored = "".join(cell["outputs"][0]["data"]["text/markdown"])
         assert stored == show_source(obj).data, (
-            f"{path.name}: the stored listing of {match.group(1)} is out of date; re-execute the chapter")
+            f"{path.name}: the stored listing of {target} is out of date; re-execute the chapter"
+        )
+        wide = [line for line in stored.splitlines() if len(line) > LISTING_WIDTH]
+        assert not wide, (
+            f"{path.name}: listing of {target} has lines wider than {LISTING_WIDTH}: {wide}"
+        )
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
 def test_stored_cpp_listings_match_the_library(path):
     """A cell ending in ``show_cpp("name")`` must show the current C++ source of that function."""
-    from feedback_lib.display import show_cpp
+    from feedback_lib.book.display import show_cpp
 
     for cell in load(path)["cells"]:
         match = re.search(r'show_cpp\("(\w+)"\)\s*$', "".join(cell["source"]).strip())
         if cell["cell_type"] == "code" and match:
             stored = "".join(cell["outputs"][0]["data"]["text/markdown"])
             assert stored == show_cpp(match.group(1)).data, (
-                f"{path.name}: the stored listing of {match.group(1)} is out of date; re-execute the chapter")
+                f"{path.name}: the stored listing of {match.group(1)} is out of date; re-execute the chapter"
+            )
+            wide = [line for line in stored.splitlines() if len(line) > LISTING_WIDTH]
+            assert not wide, (
+                f"{path.name}: {match.group(1)} has lines wider than {LISTING_WIDTH}: {wide}"
+            )

@@ -8,17 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from feedback_lib.training import data
 
-from feedback_lib import data
-
-SHARED = Path(os.environ.get(data.PATH_ENV) or Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
+SHARED = Path(
+    os.environ.get(data.PATH_ENV)
+    or Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+)
 
 
 @pytest.fixture
 def shakespeare() -> Path:
     if not SHARED.is_file():
-        pytest.fail(f"Tiny Shakespeare is expected at {SHARED} (../shared/data next to the project) "
-                    f"or at ${data.PATH_ENV}; the tests never download it")
+        pytest.fail(
+            f"Tiny Shakespeare is expected at {SHARED} (../shared/data next to the project) "
+            f"or at ${data.PATH_ENV}; the tests never download it"
+        )
     return SHARED
 
 
@@ -36,7 +40,7 @@ def test_environment_variable_gives_the_local_path(shakespeare, monkeypatch):
 
 def test_a_corrupt_local_file_is_an_error(tmp_path, shakespeare):
     bad = tmp_path / "input.txt"
-    bad.write_bytes(shakespeare.read_bytes()[:-100])          # truncated
+    bad.write_bytes(shakespeare.read_bytes()[:-100])  # truncated
     with pytest.raises(ValueError, match="is not Tiny Shakespeare.*sha256"):
         data.shakespeare_path(bad)
     with pytest.raises(FileNotFoundError, match="not a file"):
@@ -76,9 +80,11 @@ def test_download_into_the_cache_verifies_and_is_reused(tmp_path, monkeypatch, s
     asked = fake_download(monkeypatch, shakespeare.read_bytes())
     path = data.shakespeare_path(progress=False)
     assert path == tmp_path / "tinyshakespeare.txt" and asked == [data.SHAKESPEARE_URL]
-    assert data.shakespeare_path(progress=False) == path and len(asked) == 1     # cached: no second download
-    path.write_bytes(b"partial")                                                   # a corrupt cached copy
-    assert data.shakespeare_path(progress=False) == path and len(asked) == 2      # is downloaded again
+    assert (
+        data.shakespeare_path(progress=False) == path and len(asked) == 1
+    )  # cached: no second download
+    path.write_bytes(b"partial")  # a corrupt cached copy
+    assert data.shakespeare_path(progress=False) == path and len(asked) == 2  # is downloaded again
     assert data.sha256_of(path) == data.SHAKESPEARE_SHA256
 
 
@@ -88,7 +94,7 @@ def test_a_bad_download_is_never_kept(tmp_path, monkeypatch):
     fake_download(monkeypatch, b"<html>rate limited</html>")
     with pytest.raises(OSError, match="corrupt"):
         data.shakespeare_path(progress=False)
-    assert list(tmp_path.iterdir()) == []                                         # no partial file left
+    assert list(tmp_path.iterdir()) == []  # no partial file left
     with pytest.raises(FileNotFoundError, match="download_missing=False"):
         data.shakespeare_path(download_missing=False)
 
@@ -106,8 +112,12 @@ def test_no_network_is_a_clear_error(tmp_path, monkeypatch):
 def test_download_checks_the_sha256_it_is_given(tmp_path, monkeypatch):
     payload = b"hello"
     fake_download(monkeypatch, payload)
-    dest = data.download("http://example.invalid/x", tmp_path / "x.txt", hashlib.sha256(payload).hexdigest(),
-                         progress=False)
+    dest = data.download(
+        "http://example.invalid/x",
+        tmp_path / "x.txt",
+        hashlib.sha256(payload).hexdigest(),
+        progress=False,
+    )
     assert dest.read_bytes() == payload
 
 
@@ -118,7 +128,7 @@ def test_tokenizer_round_trips_the_whole_text(shakespeare):
     ids = tok.encode(text)
     assert ids.dtype == torch.long and ids.shape == (len(text),)
     assert tok.decode(ids) == text
-    assert data.CharTokenizer(tok.chars).encode("To be") .tolist() == tok.encode("To be").tolist()
+    assert data.CharTokenizer(tok.chars).encode("To be").tolist() == tok.encode("To be").tolist()
 
 
 def test_tokenizer_errors_name_the_problem():
@@ -145,11 +155,11 @@ def test_batches_are_shifted_windows_fixed_by_seed_and_step():
     sampler = data.BatchSampler(torch.arange(1000), seed=3)
     x, y = sampler.batch(7, 4, 16)
     assert x.shape == y.shape == (4, 16)
-    assert torch.equal(y, x + 1)                                  # targets: the next token
-    assert torch.equal(sampler.batch(7, 4, 16)[0], x)             # same step: same batch
+    assert torch.equal(y, x + 1)  # targets: the next token
+    assert torch.equal(sampler.batch(7, 4, 16)[0], x)  # same step: same batch
     assert not torch.equal(sampler.batch(8, 4, 16)[0], x)
     halves = [sampler.batch(7, 4, 16, rows)[0] for rows in (slice(0, 2), slice(2, 4))]
-    assert torch.equal(torch.cat(halves), x)                      # processes take rows of one global batch
+    assert torch.equal(torch.cat(halves), x)  # processes take rows of one global batch
     with pytest.raises(ValueError, match="needs at least 1001 tokens"):
         sampler.batch(0, 1, 1000)
     wx, wy = sampler.windows(10, 5)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import feedback_lib as fl
 import pytest
 import torch
 
-import feedback_lib as fl
 
-
-@pytest.mark.parametrize("value, expected", [("1", True), ("TRUE", True), ("yes", True), ("0", False),
-                                             ("", False), ("off", False)])
+@pytest.mark.parametrize(
+    "value, expected",
+    [("1", True), ("TRUE", True), ("yes", True), ("0", False), ("", False), ("off", False)],
+)
 def test_fast_mode(monkeypatch, value, expected):
     monkeypatch.setenv(fl.FAST_ENV, value)
     assert fl.fast_mode() is expected
@@ -57,7 +58,8 @@ def test_randomize_parameters_is_seeded():
 
 
 def test_show_source():
-    from feedback_lib.display import show_source
+    from feedback_lib.book.display import show_source
+
     text = show_source(fl.by_mode).data
     assert text.startswith("````python\ndef by_mode(") and text.endswith("\n````")
     with pytest.raises(TypeError, match="show_source needs"):
@@ -65,18 +67,24 @@ def test_show_source():
 
 
 def test_show_cpp():
-    from feedback_lib.display import show_cpp
+    from feedback_lib.book.display import show_cpp
+
     text = show_cpp("attention_forward").data
-    assert text.startswith("````cpp\n// One layer's attention") and "void attention_forward(" in text
+    assert (
+        text.startswith("````cpp\n// One layer's attention") and "void attention_forward(" in text
+    )
     assert text.endswith("\n}\n````")
-    with pytest.raises(ValueError, match="fused_kv.cpp defines no function named 'nothing'"):
+    with pytest.raises(ValueError, match="step_loops.cpp defines no function named 'nothing'"):
         show_cpp("nothing")
 
 
 def test_book_modules_load_on_first_use():
     import subprocess
     import sys
-    code = ("import sys, feedback_lib as fl; assert 'matplotlib' not in sys.modules; "
-            "fl.plots.plot_layer_weights; fl.widgets.attention_explorer; fl.display.show_source; "
-            "assert 'matplotlib' in sys.modules")
+
+    code = (
+        "import sys, feedback_lib as fl; assert 'matplotlib' not in sys.modules; "
+        "fl.book.plots.plot_layer_weights; fl.book.widgets.attention_explorer; fl.book.display.show_source; "
+        "assert 'matplotlib' in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,9 +1,9 @@
 """FeedbackLM: batch-major logits, chunked calls, cached generation."""
 
+import feedback_lib as fl
 import pytest
 import torch
 
-import feedback_lib as fl
 from helpers import make_lm
 
 VARIANTS = pytest.mark.parametrize("shared_kv", [False, True], ids=["per-layer-kv", "shared-kv"])
@@ -42,15 +42,15 @@ def test_greedy_generation_equals_argmax_of_full_forward(shared_kv):
 @VARIANTS
 def test_generation_reads_the_prompt_once_then_one_step_per_token(shared_kv):
     lm = make_lm(shared_kv)
-    lengths, make_decoder = [], lm.transformer.decoder
+    lengths, make_decoder = [], lm.decoder
 
-    def recording_decoder(batch, capacity, *context):
-        decoder = make_decoder(batch, capacity, *context)
-        step = decoder.step
-        decoder.step = lambda x_seq: (lengths.append(x_seq.shape[0]), step(x_seq))[1]
+    def recording_decoder(batch, capacity, **options):
+        decoder = make_decoder(batch, capacity, **options)
+        read = decoder.read
+        decoder.read = lambda tokens: (lengths.append(tokens.shape[1]), read(tokens))[1]
         return decoder
 
-    lm.transformer.decoder = recording_decoder
+    lm.decoder = recording_decoder
     lm.generate(torch.randint(0, 11, (1, 6)), 5, temperature=0)
     assert lengths == [6, 1, 1, 1, 1]
 
@@ -61,7 +61,7 @@ def test_sampling_respects_top_k_and_generator():
     a = lm.generate(prompt, 6, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
     b = lm.generate(prompt, 6, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
-    logits = lm(a)[:, 2:-1]                                   # the logits each new token was drawn from
+    logits = lm(a)[:, 2:-1]  # the logits each new token was drawn from
     top3 = logits.topk(3, dim=-1).indices
     assert (top3 == a[:, 3:, None]).any(-1).all()
 
@@ -94,5 +94,5 @@ def test_memory_detach_and_size():
     lm = make_lm()
     _, memory = lm(torch.randint(0, 11, (2, 5)), return_memory=True)
     assert len(memory) == 5 and memory.batch_size == 2
-    assert memory.nbytes() == 2 * 5 * 2 * 16 * 4          # keys + values, float32
+    assert memory.nbytes() == 2 * 5 * 2 * 16 * 4  # keys + values, float32
     assert memory.detach().tensors[0].requires_grad is False

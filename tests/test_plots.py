@@ -6,13 +6,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import feedback_lib as fl  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-import feedback_lib as fl  # noqa: E402
-from feedback_lib import plots  # noqa: E402
+from feedback_lib.book import plots  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +20,7 @@ def close_figures():
     plt.close("all")
 
 
-@pytest.mark.parametrize("kind", fl.information_flow.KINDS)
+@pytest.mark.parametrize("kind", fl.book.information_flow.KINDS)
 def test_information_flow_figure(kind):
     fig = plots.draw_information_flow(kind, 3, 4)
     assert fig.axes[0].get_title().endswith("(filled)")
@@ -37,9 +36,11 @@ def test_information_flow_bad_input():
 def test_score_terms_figure():
     rng = np.random.default_rng(0)
     q, k = rng.normal(size=(2, 3, 4)), rng.normal(size=(5, 2, 3, 4))
-    terms = fl.score_terms_numpy(q, k, rng.normal(size=(3, 4)), rng.normal(size=(5, 3, 4)), rng.normal(size=(5, 3)))
+    terms = fl.score_terms_numpy(
+        q, k, rng.normal(size=(3, 4)), rng.normal(size=(5, 3, 4)), rng.normal(size=(5, 3))
+    )
     fig = plots.plot_score_terms(terms, batch=1, head=2)
-    assert len(fig.axes) == 6   # A, B, C, D, the sum, and the legend slot
+    assert len(fig.axes) == 6  # A, B, C, D, the sum, and the legend slot
     a_line = fig.axes[0].lines[0]
     # Oldest entry (5 steps back) on the left, the newest (1 step back) on the right.
     assert list(a_line.get_xdata()) == [5, 4, 3, 2, 1] and fig.axes[0].get_xlim() == (5.5, 0.5)
@@ -48,7 +49,7 @@ def test_score_terms_figure():
     np.testing.assert_allclose(fig.axes[4].lines[0].get_ydata(), total)
     # Several batch elements: one line each per panel, named in the legend.
     fig = plots.plot_score_terms(terms, batch=[0, 1], labels=["first", "second"])
-    assert [len(ax.lines) for ax in fig.axes[:5]] == [3, 3, 3, 3, 3]   # two series + the zero line
+    assert [len(ax.lines) for ax in fig.axes[:5]] == [3, 3, 3, 3, 3]  # two series + the zero line
     assert [t.get_text() for t in fig.axes[5].get_legend().get_texts()] == ["first", "second"]
     with pytest.raises(ValueError, match="missing"):
         plots.plot_score_terms({"A": terms["A"]})
@@ -74,7 +75,7 @@ def test_attention_maps_and_figure():
     _, weights = attn(x_seq[4], x_seq[:4], x_seq[:4], need_weights=True)
     torch.testing.assert_close(maps[:, :, 4, :4], weights.permute(1, 2, 0))
     fig = plots.plot_attention_step(maps, step=4, head=1, batch=2)
-    assert len(fig.axes) == 3   # heatmap, colorbar, bars
+    assert len(fig.axes) == 3  # heatmap, colorbar, bars
     with pytest.raises(ValueError, match="step in 1..5"):
         plots.plot_attention_step(maps, step=0, head=0)
     with pytest.raises(ValueError, match=r"maps must be \[batch, heads, steps, steps\]"):
@@ -96,12 +97,12 @@ def test_attention_maps_bad_input():
 
 
 def test_attention_explorer():
-    widgets = pytest.importorskip("feedback_lib.widgets")
+    widgets = pytest.importorskip("feedback_lib.book.widgets")
     maps = fl.attention_maps(fl.FeedbackAttention(2, 8, 0.0).eval(), torch.randn(5, 1, 8))
     box = widgets.attention_explorer(maps, step=2, head=1)
     step_slider, head_slider = box.children[0].children
     assert (step_slider.min, step_slider.max, head_slider.max) == (1, 4, 1)
-    step_slider.value = 4   # redraws without error
+    step_slider.value = 4  # redraws without error
     box = widgets.attention_explorer(maps, step=1, head=0, labels=list("abcde"))
     box.children[0].children[1].value = 1
     with pytest.raises(ValueError, match="sequence of 5 strings"):
@@ -118,7 +119,9 @@ def test_layer_weights_figure():
     assert {"0.333"} | {f"{p:.3f}" for p in shares.tolist()} <= texts
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["initial", "trained", "uniform"]
     single = plots.plot_layer_weights(np.ones(4)).axes[0]
-    assert len(single.patches) == 4 and [t.get_text() for t in single.get_legend().get_texts()] == ["uniform"]
+    assert len(single.patches) == 4 and [t.get_text() for t in single.get_legend().get_texts()] == [
+        "uniform"
+    ]
     with pytest.raises(ValueError, match="labels must be two strings"):
         plots.plot_layer_weights(torch.zeros(3), labels=("only one",))
     with pytest.raises(ValueError, match="same size"):
@@ -128,12 +131,16 @@ def test_layer_weights_figure():
 
 
 def test_scaling_and_throughput_figures():
-    fig = plots.plot_scaling([8, 16], {"naive stack": [0.1, 0.3], "Stack": [0.1, 0.2]},
-                             {"naive stack": [2 ** 20, 4 * 2 ** 20], "Stack": [2 ** 19, 2 ** 20]})
+    fig = plots.plot_scaling(
+        [8, 16],
+        {"naive stack": [0.1, 0.3], "Stack": [0.1, 0.2]},
+        {"naive stack": [2**20, 4 * 2**20], "Stack": [2**19, 2**20]},
+    )
     assert [ax.get_xlabel() for ax in fig.axes] == ["sequence length T"] * 2
     with pytest.raises(ValueError, match="peak_bytes must map each variant to 2 values"):
         plots.plot_scaling([8, 16], {"Stack": [0.1, 0.2]}, {"Stack": [1]})
     from feedback_lib.bench import Result
+
     results = [Result("a", 10, 100.0, 5.0, "cached memory"), Result("b", 10, 50.0, None, "-")]
     fig = plots.plot_throughput(results, reference="a")
     assert len(fig.axes) == 2
@@ -145,20 +152,26 @@ def test_latency_figure():
     fig = plots.plot_latency({"a": [0.002, 0.001, 0.003], "b": [0.001] * 3}, smooth=2)
     lines = fig.axes[0].get_lines()
     assert [line.get_label() for line in lines] == ["a", "b"]
-    np.testing.assert_allclose(lines[0].get_ydata(), [2.0, 1.5, 2.0])      # running medians, in ms
+    np.testing.assert_allclose(lines[0].get_ydata(), [2.0, 1.5, 2.0])  # running medians, in ms
     with pytest.raises(ValueError, match="the same number of per-position times"):
         plots.plot_latency({"a": [0.1], "b": [0.1, 0.2]})
 
 
 def test_accuracy_figure():
-    fig = plots.plot_accuracy({"feedback": {5: 0.9, 2: 1.0}, "parallel": {2: 0.8, 5: 0.5}},
-                              xlabel="statements", chance={2: 0.2, 5: 0.1})
+    fig = plots.plot_accuracy(
+        {"feedback": {5: 0.9, 2: 1.0}, "parallel": {2: 0.8, 5: 0.5}},
+        xlabel="statements",
+        chance={2: 0.2, 5: 0.1},
+    )
     lines = fig.axes[0].get_lines()
     assert [line.get_label() for line in lines] == ["feedback", "parallel", "most frequent value"]
-    np.testing.assert_allclose(lines[0].get_xdata(), [2, 5])                # sorted by x
-    np.testing.assert_allclose(lines[0].get_ydata(), [100, 90])             # in percent
-    np.testing.assert_allclose(fig.axes[0].get_xticks(), [2, 5])           # a tick at each measured x
-    assert len(plots.plot_accuracy({"a": {1: 0.5}}, xlabel="step", chance=0.1).axes[0].get_lines()) == 2
+    np.testing.assert_allclose(lines[0].get_xdata(), [2, 5])  # sorted by x
+    np.testing.assert_allclose(lines[0].get_ydata(), [100, 90])  # in percent
+    np.testing.assert_allclose(fig.axes[0].get_xticks(), [2, 5])  # a tick at each measured x
+    assert (
+        len(plots.plot_accuracy({"a": {1: 0.5}}, xlabel="step", chance=0.1).axes[0].get_lines())
+        == 2
+    )
     with pytest.raises(ValueError, match="must lie in"):
         plots.plot_accuracy({"a": {1: 50}}, xlabel="step")
     with pytest.raises(ValueError, match="non-empty"):

@@ -23,34 +23,63 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def _cell(cell_type: str, source: str, **extra) -> dict:
-    cell = {"cell_type": cell_type, "id": "x", "metadata": extra.pop("metadata", {}), "source": [source]}
+    cell = {
+        "cell_type": cell_type,
+        "id": "x",
+        "metadata": extra.pop("metadata", {}),
+        "source": [source],
+    }
     if cell_type == "code":
-        cell |= {"execution_count": 3, "outputs": [{"output_type": "stream", "name": "stdout", "text": ["1\n"]}]}
+        cell |= {
+            "execution_count": 3,
+            "outputs": [{"output_type": "stream", "name": "stdout", "text": ["1\n"]}],
+        }
     return cell | extra
 
 
 def test_strip_solutions_removes_each_block_and_keeps_the_rest():
-    text = ("**Exercise 1.** Why?\n\n:::{admonition} Solution\n:class: dropdown\n\nBecause $x$.\n:::\n\n"
-            "**Exercise 2.** How?\n\n::::{admonition} Solution\n:class: dropdown\n\n:::{note}\nnested\n:::\n"
-            "::::\n")
+    text = (
+        "**Exercise 1.** Why?\n\n:::{admonition} Solution\n:class: dropdown\n\nBecause $x$.\n:::\n\n"
+        "**Exercise 2.** How?\n\n::::{admonition} Solution\n:class: dropdown\n\n:::{note}\nnested\n:::\n"
+        "::::\n"
+    )
     assert student_versions.strip_solutions(text) == "**Exercise 1.** Why?\n\n**Exercise 2.** How?"
     with pytest.raises(ValueError, match="never closed"):
-        student_versions.strip_solutions(":::{admonition} Solution\n:class: dropdown\nforgot the fence\n")
+        student_versions.strip_solutions(
+            ":::{admonition} Solution\n:class: dropdown\nforgot the fence\n"
+        )
 
 
 def test_student_notebook_drops_solutions_and_outputs():
-    notebook = {"metadata": {"widgets": {"state": {}}}, "nbformat": 4, "nbformat_minor": 5, "cells": [
-        _cell("code", "import feedback_lib"),
-        _cell("markdown", "**Exercise 1.** Compute it.\n\n:::{admonition} Solution\n:class: dropdown\n\nIt is 2.\n:::"),
-        _cell("code", "print(1 + 1)", metadata={"tags": ["hide-cell", "solution"]}),
-        _cell("markdown", ":::{admonition} Solution\n:class: dropdown\n\nOnly a solution.\n:::"),
-    ]}
+    notebook = {
+        "metadata": {"widgets": {"state": {}}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+        "cells": [
+            _cell("code", "import feedback_lib"),
+            _cell(
+                "markdown",
+                "**Exercise 1.** Compute it.\n\n:::{admonition} Solution\n:class: dropdown\n\nIt is 2.\n:::",
+            ),
+            _cell("code", "print(1 + 1)", metadata={"tags": ["hide-cell", "solution"]}),
+            _cell(
+                "markdown", ":::{admonition} Solution\n:class: dropdown\n\nOnly a solution.\n:::"
+            ),
+        ],
+    }
     student = student_versions.student_notebook(notebook, "https://example.org/book")
     sources = ["".join(cell["source"]) for cell in student["cells"]]
-    assert sources == [student_versions.HEADER.format(url="https://example.org/book"), "import feedback_lib", "**Exercise 1.** Compute it.",
-                       student_versions.ANSWER_CELL]
-    assert all(cell["outputs"] == [] and cell["execution_count"] is None
-               for cell in student["cells"] if cell["cell_type"] == "code")
+    assert sources == [
+        student_versions.HEADER.format(url="https://example.org/book"),
+        "import feedback_lib",
+        "**Exercise 1.** Compute it.",
+        student_versions.ANSWER_CELL,
+    ]
+    assert all(
+        cell["outputs"] == [] and cell["execution_count"] is None
+        for cell in student["cells"]
+        if cell["cell_type"] == "code"
+    )
     assert "widgets" not in student["metadata"]
     assert notebook["cells"][2]["outputs"], "the input notebook is left unchanged"
 
@@ -63,15 +92,23 @@ def test_student_version_of_each_chapter(path):
     assert "{admonition} Solution" not in text and '"solution"' not in text
     assert not any(cell.get("outputs") for cell in student["cells"])
     answers = sum("solution" in cell["metadata"].get("tags", []) for cell in chapter["cells"])
-    assert sum("".join(c["source"]) == student_versions.ANSWER_CELL for c in student["cells"]) == answers
+    assert (
+        sum("".join(c["source"]) == student_versions.ANSWER_CELL for c in student["cells"])
+        == answers
+    )
     # Every piece of prose outside the solutions is kept, in order, exercises included.
-    prose = [student_versions.strip_solutions("".join(cell["source"])) for cell in chapter["cells"]
-             if cell["cell_type"] == "markdown"]
-    assert ["".join(cell["source"]) for cell in student["cells"][1:] if cell["cell_type"] == "markdown"] == \
-        [text for text in prose if text.strip()]
+    prose = [
+        student_versions.strip_solutions("".join(cell["source"]))
+        for cell in chapter["cells"]
+        if cell["cell_type"] == "markdown"
+    ]
+    assert [
+        "".join(cell["source"]) for cell in student["cells"][1:] if cell["cell_type"] == "markdown"
+    ] == [text for text in prose if text.strip()]
     assert "## Exercises" in text
     assert "".join(colab_cells.first_code_cell(student)["source"]) == "".join(
-        colab_cells.first_code_cell(chapter)["source"]), "the install cell stays, for Colab"
+        colab_cells.first_code_cell(chapter)["source"]
+    ), "the install cell stays, for Colab"
 
 
 def test_write_student_versions_writes_every_chapter_and_a_zip(tmp_path):
@@ -88,13 +125,26 @@ def _timed(start: str, end: str) -> dict:
 
 
 def test_execution_record_from_cell_timing(tmp_path):
-    notebook = {"cells": [
-        _cell("code", "install"),
-        _cell("code", "a", metadata={"execution": _timed("2026-01-02T03:04:05.000Z", "2026-01-02T03:04:07.500Z")}),
-        _cell("markdown", "text"),
-        _cell("code", 'fit(device="auto")',
-              metadata={"execution": _timed("2026-01-02T03:04:08.000Z", "2026-01-02T03:05:08.000Z")}),
-    ]}
+    notebook = {
+        "cells": [
+            _cell("code", "install"),
+            _cell(
+                "code",
+                "a",
+                metadata={
+                    "execution": _timed("2026-01-02T03:04:05.000Z", "2026-01-02T03:04:07.500Z")
+                },
+            ),
+            _cell("markdown", "text"),
+            _cell(
+                "code",
+                'fit(device="auto")',
+                metadata={
+                    "execution": _timed("2026-01-02T03:04:08.000Z", "2026-01-02T03:05:08.000Z")
+                },
+            ),
+        ]
+    }
     path = tmp_path / "n.ipynb"
     path.write_text(json.dumps(notebook))
     record = book_site.execution_record(path)
@@ -120,7 +170,9 @@ def test_every_chapter_has_an_execution_record():
     assert [record.path.stem[:2] for record in records if record.uses_gpu] == ["06", "08"]
 
 
-@pytest.mark.parametrize("seconds, text", [(8.2, "8 s"), (264.0, "4.4 min"), (3780.0, "1 h 03 min")])
+@pytest.mark.parametrize(
+    "seconds, text", [(8.2, "8 s"), (264.0, "4.4 min"), (3780.0, "1 h 03 min")]
+)
 def test_format_duration(seconds, text):
     assert book_site.format_duration(seconds) == text
 
@@ -139,9 +191,12 @@ def test_every_widget_has_a_static_figure_and_a_note(path):
     cells = json.loads(path.read_text())["cells"]
     for i, cell in enumerate(cells):
         if any(WIDGET_VIEW in output.get("data", {}) for output in cell.get("outputs", [])):
-            assert "remove-output" in cell["metadata"].get("tags", []), f"{path.name}: cell {i} shows a widget box"
+            assert "remove-output" in cell["metadata"].get("tags", []), (
+                f"{path.name}: cell {i} shows a widget box"
+            )
             figure = cells[i - 2]
-            assert any("image/png" in output.get("data", {}) for output in figure.get("outputs", [])), \
-                f"{path.name}: no static figure before the widget of cell {i}"
+            assert any(
+                "image/png" in output.get("data", {}) for output in figure.get("outputs", [])
+            ), f"{path.name}: no static figure before the widget of cell {i}"
             note = "".join(cells[i - 1]["source"])
             assert cells[i - 1]["cell_type"] == "markdown" and "Colab" in note and "Jupyter" in note

@@ -1,9 +1,8 @@
 """The Stack store and its autograd function."""
 
+import feedback_lib as fl
 import pytest
 import torch
-
-import feedback_lib as fl
 
 
 def read_every_step(store_cls, x, start_of=lambda n: 0):
@@ -15,7 +14,7 @@ def read_every_step(store_cls, x, start_of=lambda n: 0):
     store = store_cls(x.shape[0])
     outs = []
     for t in range(x.shape[0]):
-        store.append(x[t:t + 1])
+        store.append(x[t : t + 1])
         rows = store.get(start_of(t + 1))
         position = torch.arange(1, rows.shape[0] + 1, dtype=x.dtype).view(-1, *[1] * (x.dim() - 1))
         outs.append((rows.sin() * position).sum(0))
@@ -29,7 +28,9 @@ def test_gradcheck_float64():
 
 def test_gradcheck_with_a_window():
     x = torch.randn(7, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: read_every_step(fl.Stack, x, lambda n: max(0, n - 3)), (x,))
+    assert torch.autograd.gradcheck(
+        lambda x: read_every_step(fl.Stack, x, lambda n: max(0, n - 3)), (x,)
+    )
 
 
 def test_stack_equals_naive_stack_values_and_gradients():
@@ -80,9 +81,10 @@ def test_block_append_carries_gradients_to_a_prefix():
     a = store.get()
     store.append(new * a.sum())
     b = store.get(1)
-    (b ** 2).sum().backward()
+    (b**2).sum().backward()
     expected_prefix, expected_new = torch.autograd.grad(
-        (torch.cat([prefix, new * prefix.sum()])[1:] ** 2).sum(), [prefix, new])
+        (torch.cat([prefix, new * prefix.sum()])[1:] ** 2).sum(), [prefix, new]
+    )
     torch.testing.assert_close(prefix.grad, expected_prefix)
     torch.testing.assert_close(new.grad, expected_new)
 
@@ -102,11 +104,16 @@ def test_protocol_errors():
     with pytest.raises(ValueError, match="capacity"):
         fl.Stack(0)
     for store in (fl.Stack(3), fl.NaiveStack(3)):
-        with pytest.raises(ValueError, match=r"block must be a tensor \[k, \*row_shape\] with k >= 1 rows, got \[\]"):
+        with pytest.raises(
+            ValueError,
+            match=r"block must be a tensor \[k, \*row_shape\] with k >= 1 rows, got \[\]",
+        ):
             store.append(torch.tensor(1.0))
         store.append(torch.zeros(1, 3))
         store.get()
-        with pytest.raises(ValueError, match=r"block rows have shape \[4\] but the stack holds rows of shape \[3\]"):
+        with pytest.raises(
+            ValueError, match=r"block rows have shape \[4\] but the stack holds rows of shape \[3\]"
+        ):
             store.append(torch.zeros(1, 4))
 
 

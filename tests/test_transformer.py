@@ -1,9 +1,9 @@
 """The feedback transformers: causality, memory continuation, the shared key/value variant, gradients."""
 
+import feedback_lib as fl
 import pytest
 import torch
 
-import feedback_lib as fl
 from helpers import D_MODEL, assert_same_outputs_and_gradients, make_transformer
 
 VARIANTS = pytest.mark.parametrize("shared_kv", [False, True], ids=["per-layer-kv", "shared-kv"])
@@ -53,7 +53,7 @@ def test_mem_len_window(shared_kv):
     full = make_transformer(shared_kv)(x)
     assert torch.equal(make_transformer(shared_kv, mem_len=6)(x), full)
     short = make_transformer(shared_kv, mem_len=3)(x)
-    assert torch.equal(short[:4], full[:4])            # steps 0-3 see at most 3 entries anyway
+    assert torch.equal(short[:4], full[:4])  # steps 0-3 see at most 3 entries anyway
     assert not torch.allclose(short[4:], full[4:])
 
 

@@ -39,9 +39,18 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
 REQUIRE_ENV = "FEEDBACK_BOOK_BROWSER"
 #: The flags that keep Chromium quiet on a machine without a network (no update or sync traffic).
-CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1280,1000"]
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1000",
+]
 
 
 def _unavailable(reason: str) -> None:
@@ -51,7 +60,7 @@ def _unavailable(reason: str) -> None:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args) -> None:     # noqa: A002 (the base class's name)
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
         pass
 
 
@@ -92,7 +101,7 @@ def driver() -> Iterator[object]:
     browser = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     browser.set_page_load_timeout(60)
     browser.set_script_timeout(60)
-    shutil.rmtree(SCREENSHOTS, ignore_errors=True)          # only this run's screenshots count
+    shutil.rmtree(SCREENSHOTS, ignore_errors=True)  # only this run's screenshots count
     SCREENSHOTS.mkdir(parents=True)
     yield browser
     browser.quit()
@@ -106,10 +115,15 @@ import colab_cells  # noqa: E402
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
 DOCUMENTS = [TOC["root"], *(entry["file"] for part in TOC["parts"] for entry in part["chapters"])]
 PAGES = ["index.html", "genindex.html", "search.html", *(f"{name}.html" for name in DOCUMENTS)]
-CHAPTERS = [f"{path.relative_to(ROOT).with_suffix('').as_posix()}.html"
-            for path in colab_cells.chapter_notebooks(ROOT) if path.stem != "index"]
+CHAPTERS = [
+    f"{path.relative_to(ROOT).with_suffix('').as_posix()}.html"
+    for path in colab_cells.chapter_notebooks(ROOT)
+    if path.stem != "index"
+]
 #: TeX that must never reach the reader as text (outside code, where it may be shown on purpose).
-RAW_TEX = re.compile(r"\$\$|\\begin\{|\\end\{|\\(?:frac|sum|sqrt|mathrm|operatorname|top|left|right|cdot)\b")
+RAW_TEX = re.compile(
+    r"\$\$|\\begin\{|\\end\{|\\(?:frac|sum|sqrt|mathrm|operatorname|top|left|right|cdot)\b"
+)
 
 COLLECT = """
 const done = arguments[arguments.length - 1];
@@ -159,21 +173,23 @@ _REPORTS: dict[str, PageReport] = {}
 def visit(page: str, driver, base_url: str) -> PageReport:
     """Open ``page`` once, wait for MathJax, and keep what the browser saw and logged."""
     if page not in _REPORTS:
-        driver.get_log("browser")                                   # drop what earlier pages logged
+        driver.get_log("browser")  # drop what earlier pages logged
         driver.get(base_url + page)
         # The top-level index.html only redirects (a meta refresh): wait for the page it leads to.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and driver.execute_script(
-                "return document.readyState !== 'complete' || !document.body"
-                " || !!document.querySelector('meta[http-equiv=refresh]')"):
+            "return document.readyState !== 'complete' || !document.body"
+            " || !!document.querySelector('meta[http-equiv=refresh]')"
+        ):
             time.sleep(0.05)
         # Wait for MathJax's script to define itself where a page loads it (it is deferred).
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and driver.execute_script(
-                "return !!document.querySelector('script[src*=\"mathjax\"]') && !(window.MathJax && MathJax.startup)"):
+            "return !!document.querySelector('script[src*=\"mathjax\"]') && !(window.MathJax && MathJax.startup)"
+        ):
             time.sleep(0.05)
         data = driver.execute_async_script(COLLECT)
-        time.sleep(0.2)                                             # let late errors reach the log
+        time.sleep(0.2)  # let late errors reach the log
         console = driver.get_log("browser")
         driver.save_screenshot(str(SCREENSHOTS / _screenshot_name(page)))
         _REPORTS[page] = PageReport(page, data, console)
@@ -194,7 +210,9 @@ def test_page_loads_with_no_console_errors(report):
 def test_math_is_typeset_by_the_sites_own_mathjax(report, base_url):
     data = report.data
     if data["maths"]:
-        assert data["mathjax"] and data["mathjax"].startswith("3."), f"{report.page}: MathJax 3 did not load"
+        assert data["mathjax"] and data["mathjax"].startswith("3."), (
+            f"{report.page}: MathJax 3 did not load"
+        )
     assert not data["untypeset"], f"{report.page}: math left untypeset: {data['untypeset'][:5]}"
     assert not data["tex_errors"], f"{report.page}: TeX errors: {data['tex_errors'][:5]}"
     raw = sorted(set(RAW_TEX.findall(data["prose"])))
@@ -203,13 +221,17 @@ def test_math_is_typeset_by_the_sites_own_mathjax(report, base_url):
 
 def test_everything_loads_from_the_site_itself(report, base_url):
     foreign = [url for url in report.data["resources"] if not url.startswith(base_url)]
-    assert not foreign, f"{report.page}: loads from other hosts (the site must work offline): {foreign}"
+    assert not foreign, (
+        f"{report.page}: loads from other hosts (the site must work offline): {foreign}"
+    )
     broken = [image["src"] for image in report.data["images"] if not image["ok"]]
     assert not broken, f"{report.page}: images that did not load: {broken}"
 
 
 def test_no_widget_placeholder(report):
-    assert report.data["widgets"] == 0, f"{report.page}: a widget view with no widget JavaScript to draw it"
+    assert report.data["widgets"] == 0, (
+        f"{report.page}: a widget view with no widget JavaScript to draw it"
+    )
     assert "Loading widget" not in report.data["text"]
 
 
@@ -253,7 +275,11 @@ def test_chapter_has_a_well_formed_colab_link(page, driver, base_url, site):
     url, branch = colab_cells.repository(ROOT)
     owner_repo = urlsplit(url).path.strip("/")
     expected = f"https://colab.research.google.com/github/{owner_repo}/blob/{branch}/{page.removesuffix('.html')}.ipynb"
-    links = [link for link in visit(page, driver, base_url).data["links"] if "colab.research.google.com" in link]
+    links = [
+        link
+        for link in visit(page, driver, base_url).data["links"]
+        if "colab.research.google.com" in link
+    ]
     assert links == [expected], f"{page}: Colab links {links}, expected [{expected}]"
     assert (ROOT / f"{page.removesuffix('.html')}.ipynb").is_file()
 

@@ -1,0 +1,3 @@
+"""The book's tasks, trained with :func:`feedback_lib.training.loop.fit`:
+the paper's code-execution task (``code_execution``, chapter 10) and
+sequence reversal with an encoder (``reversal``, chapter 11)."""

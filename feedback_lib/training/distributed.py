@@ -1,0 +1,85 @@
+"""Data-parallel training under ``torchrun`` (gloo on the CPU, NCCL on CUDA)
+for the training chapter.
+
+``torchrun --nproc_per_node=N -m feedback_lib.train ...`` starts N processes
+with ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` set. Each process takes its
+rows of the same global batch and DistributedDataParallel averages the
+gradients, so N processes follow the single-process run with the same global
+batch (up to the order of floating-point sums).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the run: ``rank`` of ``world_size`` processes
+    (1: not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, batch: int) -> slice:
+        """This process's rows of a global batch of ``batch`` rows."""
+        if batch % self.world_size:
+            raise ValueError(
+                f"the global batch of {batch} rows does not split evenly "
+                f"over {self.world_size} processes; choose batch_tokens so "
+                "that it does"
+            )
+        per = batch // self.world_size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of ``value`` over all processes (itself when not
+        distributed)."""
+        if not self.enabled:
+            return value
+        value = value.clone()
+        dist.all_reduce(value)
+        return value / self.world_size
+
+
+def start(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Join the process group when launched by torchrun; returns this
+    process's place and device. On CUDA each process uses GPU ``LOCAL_RANK``
+    (an explicit ``cuda:N`` only names the device type)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(), device
+    rank, local_rank = (
+        int(os.environ["RANK"]),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(
+            "distributed training runs on CUDA (nccl) or the CPU (gloo), "
+            f"not {device.type}"
+        )
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, local_rank), device
+
+
+def stop() -> None:
+    """Leave the process group (if one was joined)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
