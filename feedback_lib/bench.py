@@ -7,7 +7,7 @@ fused Adam, the same for all) and greedy generation for:
 
 * feedback_lib's :class:`~feedback_lib.FeedbackTransformer` and shared
   key/value model (the fused loop with its C++ step loops, the same with its
-  Python step loops, and the reference loop of chapter 5, for comparison);
+  Python step loops, and the readable loop of chapter 5, for comparison);
 * a parallel causal Transformer of the same width and depth
   (:class:`~feedback_lib.ParallelLM`);
 * when installed, labml.ai's implementation (``pip install labml && pip
@@ -73,12 +73,10 @@ class Contender:
 
     name: str
     model: nn.Module
-    logits: Callable[
-        [torch.Tensor], torch.Tensor
-    ]  # [batch, seq] -> [batch, seq, n_vocab]
-    generate: Callable[
-        [torch.Tensor, int], torch.Tensor
-    ]  # (prompt [1, k], n) -> [1, k + n], greedy
+    # [batch, seq] -> [batch, seq, n_vocab]
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    # (prompt [1, k], n) -> [1, k + n], greedy
+    generate: Callable[[torch.Tensor, int], torch.Tensor]
     generation: str  # how it generates
     # entered around every timed call, backward pass included (e.g.
     # native.python_loops)
@@ -120,7 +118,7 @@ def feedback_lib_contenders(config: BenchConfig) -> list[Contender]:
             native.python_loops,
         ),
         (
-            "feedback_lib KV, reference loop",
+            "feedback_lib KV, readable loop",
             True,
             False,
             contextlib.nullcontext,
@@ -541,9 +539,8 @@ def measure_step_memory(variant: str, config: BenchConfig) -> int:
         _memory_pass(model, tokens)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    with open(
-        "/proc/self/clear_refs", "w"
-    ) as f:  # reset VmHWM to the current RSS
+    # reset VmHWM to the current RSS
+    with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _rss_bytes("VmRSS")
     _memory_pass(model, tokens)

@@ -25,6 +25,13 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def check_nonnegative_int(name: str, value: object) -> int:
+    """Return ``value`` if it is an ``int`` >= 0, else raise naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
 def check_probability(name: str, value: object) -> float:
     """Return ``value`` if it is a number in [0, 1), else raise."""
     if (

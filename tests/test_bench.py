@@ -27,7 +27,7 @@ def test_run_reports_feedback_lib_and_the_parallel_baseline():
         "feedback_lib",
         "feedback_lib KV",
         "feedback_lib KV, Python step loops",
-        "feedback_lib KV, reference loop",
+        "feedback_lib KV, readable loop",
         "parallel (nn.TransformerEncoder)",
     ]
     for r in results:
@@ -134,6 +134,6 @@ def test_command_line(tmp_path, capsys):
     assert names == [
         "feedback_lib KV",
         "feedback_lib KV, Python step loops",
-        "feedback_lib KV, reference loop",
+        "feedback_lib KV, readable loop",
         "parallel (nn.TransformerEncoder)",
     ]

@@ -54,9 +54,8 @@ class KVCacheDecoder(Decoder):
         self.d_k = config["d_model"] // config["heads"]
         shape = (config["n_layers"], batch, self.heads, capacity, self.d_k)
         weight = model.head.weight
-        self.keys = weight.new_zeros(
-            shape
-        )  # [n_layers, batch, heads, capacity, d_k]
+        # [n_layers, batch, heads, capacity, d_k]
+        self.keys = weight.new_zeros(shape)
         self.values = weight.new_zeros(shape)
 
     @property
@@ -67,9 +66,8 @@ class KVCacheDecoder(Decoder):
     def read(self, tokens: torch.Tensor) -> torch.Tensor:
         model = self.model
         start, end = self.length, self.length + tokens.shape[1]
-        x = (
-            model.embed(tokens) + model.positions.weight[start:end]
-        )  # [batch, n, d_model]
+        # [batch, n, d_model]
+        x = model.embed(tokens) + model.positions.weight[start:end]
         # New token i (at position start + i) sees positions 0..start + i;
         # a single new token sees everything cached (no mask needed).
         mask = None

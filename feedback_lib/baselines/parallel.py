@@ -104,9 +104,8 @@ class ParallelLM(GenerationMixin, nn.Module):
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` without the checks (its decoders call it)."""
         seq = tokens.shape[1]
-        x = (
-            self.embed(tokens) + self.positions.weight[:seq]
-        )  # [batch, seq, d_model]
+        # [batch, seq, d_model]
+        x = self.embed(tokens) + self.positions.weight[:seq]
         mask = nn.Transformer.generate_square_subsequent_mask(
             seq, device=tokens.device, dtype=x.dtype
         )

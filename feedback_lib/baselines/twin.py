@@ -111,9 +111,8 @@ class ParallelTwinLM(GenerationMixin, nn.Module):
             attn = layer.attn
             key = tr.key(x).transpose(1, 2)  # K_s  [batch, heads, seq, d_k]
             value = tr.value(x).transpose(1, 2)  # V_s
-            query = attn.query(
-                layer.norm_self_attn(x)
-            )  # [batch, seq, heads, d_k]
+            # [batch, seq, heads, d_k]
+            query = attn.query(layer.norm_self_attn(x))
             # B + D (the positions), added to the scores as a float mask.
             positions = self.positions(attn, query) * attn.scale + mask
             # A + C = (Q_t + U^Q) . K_s, scaled inside the attention.

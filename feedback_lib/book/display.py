@@ -29,9 +29,10 @@ def show_source(obj: object) -> Markdown:
 
 
 def show_cpp(name: str) -> Markdown:
-    """One function of the C++ step loops (``feedback_lib/fused_kv.cpp``,
-    chapter 7) as a Markdown code block: its comment, its ``template`` line
-    and its body, up to the closing brace."""
+    """One function of the C++ step loops
+    (``feedback_lib/fast/step_loops.cpp``, chapter 7) as a Markdown code
+    block: its comment, its ``template`` line and its body, up to the
+    closing brace."""
     from feedback_lib.fast.native import SOURCE
 
     lines = SOURCE.read_text().splitlines()

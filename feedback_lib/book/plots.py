@@ -219,9 +219,8 @@ def plot_score_terms(
         ax.axhline(0, color="0.8", lw=0.8, zorder=0)
         ax.set_title(TERM_LABELS[name])
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlim(
-        seq_len + 0.5, 0.5
-    )  # shared x axis: oldest entry left, newest right
+    # shared x axis: oldest entry left, newest right
+    ax.set_xlim(seq_len + 0.5, 0.5)
     for ax in grid[1]:
         ax.set_xlabel("steps back (memory entry)")
         ax.tick_params(labelbottom=True)
@@ -399,9 +398,8 @@ def plot_layer_weights(
     handles.append(
         ax.axhline(1 / n, color="0.4", ls="--", lw=1, label="uniform")
     )
-    ax.set_ylim(
-        0, max(p.max() for p in probs) * 1.4
-    )  # room for the bar labels and the legend
+    # room for the bar labels and the legend
+    ax.set_ylim(0, max(p.max() for p in probs) * 1.4)
     ax.set_xticks(range(n), names)
     ax.set_ylabel("share of the memory vector")
     ax.set_title(r"memory weights $\mathrm{softmax}(w)_l$")
@@ -486,9 +484,8 @@ def plot_throughput(
         ]
         ax.barh(names, values, color=colors)
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(
-            NullFormatter()
-        )  # label the powers of ten only
+        # label the powers of ten only
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(title)
         for y, v in enumerate(values):
             if v:
@@ -509,10 +506,11 @@ def plot_training(
     runs: dict, *, target: float | None = None, x: str = "minutes"
 ) -> Figure:
     """Validation loss of several training runs (chapter 8): ``runs`` maps a
-    label to a :class:`~feedback_lib.train.History`. Left: validation loss
-    (nats per character) against training time (``x="minutes"``) or tokens
-    (``x="tokens"``); right: the training loss per step (a running mean over
-    20 steps) against tokens. ``target``: a dashed line at that loss."""
+    label to a :class:`~feedback_lib.training.cli.History`. Left: validation
+    loss (nats per character) against training time (``x="minutes"``) or
+    tokens (``x="tokens"``); right: the training loss per step (a running
+    mean over 20 steps) against tokens. ``target``: a dashed line at that
+    loss."""
     if x not in ("minutes", "tokens"):
         raise ValueError(f"x must be 'minutes' or 'tokens', got {x!r}")
     if not runs:

@@ -27,7 +27,7 @@ def attention_explorer(
     labels: Sequence[str] | None = None,
 ) -> widgets.VBox:
     """Sliders for the query step and the head over
-    :func:`~feedback_lib.plots.plot_attention_step`.
+    :func:`~feedback_lib.book.plots.plot_attention_step`.
 
     ``maps [batch, heads, steps, steps]`` from
     :func:`~feedback_lib.attention_maps`; ``step``, ``head`` and ``batch``

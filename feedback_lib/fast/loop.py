@@ -192,9 +192,8 @@ def weight_gradients(
     product = POOL.empty(acts.mids[0].shape, acts.mids)
 
     def flat(buffer: torch.Tensor) -> torch.Tensor:
-        return buffer.flatten(
-            0, 1
-        )  # [steps, batch, w] -> [steps * batch, w]
+        # [steps, batch, w] -> [steps * batch, w]
+        return buffer.flatten(0, 1)
 
     def layer_norm_grads(x, mean, rstd, weight, bias, g_z, g_y):
         # z = x_hat * gamma + beta feeds y = z W^T: the gradients of gamma,

@@ -26,10 +26,8 @@ class BufferPool:
     """
 
     def __init__(self, keep: int = 8, max_bytes: int = 512 * 2**20):
-        self.keep, self.max_bytes = (
-            keep,
-            max_bytes,
-        )  # one step uses eight buffers of the commonest shape
+        # one step uses eight buffers of the commonest shape
+        self.keep, self.max_bytes = keep, max_bytes
         self.free: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
         self.bytes = 0
         self.lock = threading.Lock()  # models may run in several threads
@@ -74,9 +72,8 @@ class BufferPool:
                 if len(stack) < self.keep:
                     stack.append(tensor)
                     self.bytes += tensor.nbytes
-            while (
-                self.bytes > self.max_bytes
-            ):  # drop the shapes used longest ago
+            # drop the shapes used longest ago
+            while self.bytes > self.max_bytes:
                 _, stack = self.free.popitem(last=False)
                 self.bytes -= sum(t.nbytes for t in stack)
 

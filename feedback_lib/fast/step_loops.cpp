@@ -11,7 +11,7 @@
 // and the attention of one query over the memory, forward and backward.
 // Their sums run in another order than ATen's (and the compiler may reorder
 // them), so the two loops agree to rounding, not bit for bit; the tests
-// check them against each other and against the reference loop.
+// check them against each other and against the readable loop.
 //
 // Layouts (all contiguous): keys/values [capacity, batch, heads, d_k];
 // per-step activations [layer, step, batch, ...]; the attention weights of
@@ -286,106 +286,42 @@ void add(const T* a, const T* b, int64_t n, T* out) {
 // fast/tensors.py (their native_layout): feedback_lib.fast.native checks
 // these names against them when the extension loads.
 
+// clang-format off
 // Per layer, the forward tensors (Layer).
-enum Fwd {
-  G1,
-  B1,
-  WQ,
-  WQ_P,
-  WQ_B,
-  UQ,
-  UK,
-  SK,
-  WO,
-  WO_P,
-  BO,
-  G2,
-  B2,
-  W1,
-  W1_P,
-  C1,
-  W2,
-  W2_P,
-  C2,
-  N_FWD
-};
+enum Fwd { G1, B1, WQ, WQ_P, WQ_B, UQ, UK, SK, WO, WO_P, BO, G2, B2,
+           W1, W1_P, C1, W2, W2_P, C2, N_FWD };
 const char* const kFwd[] = {
-    "norm1_weight",  "norm1_bias",    "query.weight", "query.packed",
-    "query.bias",    "u_q",           "u_k",          "s",
-    "output.weight", "output.packed", "output.bias",  "norm2_weight",
-    "norm2_bias",    "ff1.weight",    "ff1.packed",   "ff1.bias",
-    "ff2.weight",    "ff2.packed",    "ff2.bias"};
+    "norm1_weight", "norm1_bias", "query.weight", "query.packed",
+    "query.bias", "u_q", "u_k", "s", "output.weight", "output.packed",
+    "output.bias", "norm2_weight", "norm2_bias", "ff1.weight",
+    "ff1.packed", "ff1.bias", "ff2.weight", "ff2.packed", "ff2.bias"};
 // Per layer, the backward tensors (TransposedLayer).
-enum Bwd {
-  BG1,
-  BB1,
-  WQT,
-  WQT_P,
-  WQT_B,
-  UKT,
-  WOT,
-  WOT_P,
-  WOT_B,
-  BG2,
-  BB2,
-  W1T,
-  W1T_P,
-  W1T_B,
-  W2T,
-  W2T_P,
-  W2T_B,
-  N_BWD
-};
+enum Bwd { BG1, BB1, WQT, WQT_P, WQT_B, UKT, WOT, WOT_P, WOT_B, BG2, BB2,
+           W1T, W1T_P, W1T_B, W2T, W2T_P, W2T_B, N_BWD };
 const char* const kBwd[] = {
-    "norm1_weight",  "norm1_bias",   "query_t.weight",  "query_t.packed",
-    "query_t.bias",  "u_k_t",        "output_t.weight", "output_t.packed",
-    "output_t.bias", "norm2_weight", "norm2_bias",      "ff1_t.weight",
-    "ff1_t.packed",  "ff1_t.bias",   "ff2_t.weight",    "ff2_t.packed",
+    "norm1_weight", "norm1_bias", "query_t.weight", "query_t.packed",
+    "query_t.bias", "u_k_t", "output_t.weight", "output_t.packed",
+    "output_t.bias", "norm2_weight", "norm2_bias", "ff1_t.weight",
+    "ff1_t.packed", "ff1_t.bias", "ff2_t.weight", "ff2_t.packed",
     "ff2_t.bias"};
-// The memory vector's key and value projections, transposed in the backward
-// pass (MemoryProjection).
+// The memory vector's key and value projections, transposed in the
+// backward pass (MemoryProjection).
 enum Proj { WK, WK_P, WK_B, WV, WV_P, WV_B, N_PROJ };
-const char* const kProj[] = {"key.weight",   "key.packed",   "key.bias",
+const char* const kProj[] = {"key.weight", "key.packed", "key.bias",
                              "value.weight", "value.packed", "value.bias"};
 // The activations (Activations).
-enum Act {
-  XS,
-  MEMS,
-  ATT_OUTS,
-  MIDS,
-  HIDDENS,
-  MEAN1,
-  RSTD1,
-  MEAN2,
-  RSTD2,
-  QUERIES,
-  SCALED,
-  ATTN,
-  N_ACT
-};
-const char* const kAct[] = {"xs",      "mems",    "att_outs", "mids",
-                            "hiddens", "mean1",   "rstd1",    "mean2",
-                            "rstd2",   "queries", "scaled",   "attn"};
+enum Act { XS, MEMS, ATT_OUTS, MIDS, HIDDENS, MEAN1, RSTD1, MEAN2, RSTD2,
+           QUERIES, SCALED, ATTN, N_ACT };
+const char* const kAct[] = {"xs", "mems", "att_outs", "mids", "hiddens",
+                            "mean1", "rstd1", "mean2", "rstd2", "queries",
+                            "scaled", "attn"};
 // The backward buffers (Gradients).
-enum Grad {
-  G_KEYS,
-  G_VALUES,
-  G_X_SEQ,
-  G_MEMS,
-  G_WEIGHTS,
-  G_OUTS,
-  G_HIDDENS,
-  G_Z2S,
-  G_MIDS,
-  G_QS,
-  G_Z1S,
-  G_QUS,
-  G_SCORES,
-  N_GRAD
-};
-const char* const kGrad[] = {"keys", "values",  "x_seq", "mems", "weights",
-                             "outs", "hiddens", "z2s",   "mids", "qs",
-                             "z1s",  "qus",     "scores"};
+enum Grad { G_KEYS, G_VALUES, G_X_SEQ, G_MEMS, G_WEIGHTS, G_OUTS, G_HIDDENS,
+            G_Z2S, G_MIDS, G_QS, G_Z1S, G_QUS, G_SCORES, N_GRAD };
+const char* const kGrad[] = {"keys", "values", "x_seq", "mems", "weights",
+                             "outs", "hiddens", "z2s", "mids", "qs", "z1s",
+                             "qus", "scores"};
+// clang-format on
 
 template <size_t N>
 constexpr size_t count(const char* const (&)[N]) {

@@ -88,27 +88,16 @@ def run_steps(
     scratch = torch.empty_like(keys)  # a query's products with the memory
     for t, (start, n, offset) in enumerate(acts.spans):
         m = n - start  # step t writes row n and sees rows [start, n)
-        key, value = (
-            keys[start:n],
-            values[start:n],
-        )  # [m, batch, heads, d_k]
+        # [m, batch, heads, d_k]
+        key, value = keys[start:n], values[start:n]
         product = scratch[:m]
         x = acts.xs[t, 0]
         for i, layer in enumerate(layers):
             x_mid = acts.mids[i, t]
             if m:
-                z1, acts.mean1[i, t], acts.rstd1[i, t] = (
-                    torch.native_layer_norm(
-                        x,
-                        (d_model,),
-                        layer.norm1_weight,
-                        layer.norm1_bias,
-                        layer.eps1,
-                    )
-                )
-                q = acts.queries[i, t].copy_(
-                    layer.query(z1).view(batch, heads, d_k)
-                )  # Q  [batch, heads, d_k]
+                z1, acts.mean1[i, t], acts.rstd1[i, t] = layer.norm1(x)
+                q = acts.queries[i, t]  # Q  [batch, heads, d_k]
+                q.copy_(layer.query(z1).view(batch, heads, d_k))
                 # (Q + U^Q) / sqrt(d_k)
                 qs = torch.add(
                     layer.u_q, q, alpha=scale, out=acts.scaled[i, t]
@@ -132,18 +121,9 @@ def run_steps(
                 torch.add(layer.output(att_out), x, out=x_mid)  # x + attn
             else:  # no memory yet: the attention block is skipped
                 x_mid.copy_(x)
-            z2, acts.mean2[i, t], acts.rstd2[i, t] = (
-                torch.native_layer_norm(
-                    x_mid,
-                    (d_model,),
-                    layer.norm2_weight,
-                    layer.norm2_bias,
-                    layer.eps2,
-                )
-            )
-            hidden = torch.clamp_min(
-                layer.ff1(z2), 0, out=acts.hiddens[i, t]
-            )  # ReLU  [batch, d_ff]
+            z2, acts.mean2[i, t], acts.rstd2[i, t] = layer.norm2(x_mid)
+            hidden = acts.hiddens[i, t]  # ReLU(W_1 z2 + b_1)  [batch, d_ff]
+            torch.clamp_min(layer.ff1(z2), 0, out=hidden)
             x = torch.add(layer.ff2(hidden), x_mid, out=acts.xs[t, i + 1])
         # The memory vector and its key and value, into row n.
         mem = torch.mm(

@@ -45,8 +45,8 @@ def blocker(model: nn.Module) -> str | None:
     None when it can."""
     if not model.fused:
         return (
-            "fused is False: FeedbackTransformer, a subclass, or "
-            "FeedbackTransformerKV built with fused=False"
+            f"{type(model).__name__}.fused is False: the fused loop runs "
+            "only for FeedbackTransformerKV itself, built with fused=True"
         )
     if model.naive_stack:
         return "naive_stack=True is the readable loop's store"

@@ -221,6 +221,18 @@ class Layer:
             eps2,
         )
 
+    def norm1(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The LayerNorm before attention, with its mean and 1/std."""
+        return torch.native_layer_norm(
+            x, x.shape[-1:], self.norm1_weight, self.norm1_bias, self.eps1
+        )
+
+    def norm2(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The LayerNorm before the feed-forward block, likewise."""
+        return torch.native_layer_norm(
+            x, x.shape[-1:], self.norm2_weight, self.norm2_bias, self.eps2
+        )
+
     @classmethod
     def all(
         cls, spec: LoopSpec, tensors: list[LayerTensors], rows: int

@@ -202,6 +202,18 @@ def attention_maps(
     weight of entry ``j`` for query ``t`` (NaN where ``j >= t``; row 0
     has no memory). Dropout applies when the module is in training mode.
     """
+    check_map_inputs(attn, x_seq)
+    steps, batch = x_seq.shape[:2]
+    maps = x_seq.new_full((batch, attn.heads, steps, steps), float("nan"))
+    for t in range(1, steps):
+        past = x_seq[:t]
+        _, weights = attn(x_seq[t], past, past, need_weights=True)
+        maps[:, :, t, :t] = weights.permute(1, 2, 0)  # of [t, batch, heads]
+    return maps
+
+
+def check_map_inputs(attn: object, x_seq: object) -> None:
+    """Raise unless :func:`attention_maps` can run on these inputs."""
     if not isinstance(attn, FeedbackAttention) or attn.is_kv_precomputed:
         raise TypeError(
             "attn must be a FeedbackAttention with its own key/value "
@@ -209,21 +221,13 @@ def attention_maps(
         )
     dims, sizes = ["steps", "batch", "d_model"], [None, None, attn.d_model]
     check_tensor("x_seq", x_seq, dims, sizes)
-    steps, batch = x_seq.shape[:2]
+    steps = x_seq.shape[0]
     if steps < 2:
         raise ValueError(
-            "x_seq needs at least 2 steps (step 0 has no memory), got "
+            f"x_seq needs at least 2 steps (step 0 has no memory), got "
             f"{steps}"
         )
     if steps - 1 > attn.P:
         raise ValueError(
             f"x_seq has {steps} steps; the memory may hold at most {attn.P}"
         )
-    maps = x_seq.new_full((batch, attn.heads, steps, steps), float("nan"))
-    for t in range(1, steps):
-        past = x_seq[:t]
-        _, weights = attn(x_seq[t], past, past, need_weights=True)
-        maps[:, :, t, :t] = weights.permute(
-            1, 2, 0
-        )  # from [t, batch, heads]
-    return maps

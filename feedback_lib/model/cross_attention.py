@@ -129,9 +129,8 @@ class CrossAttention(nn.Module):
             scores = scores + context.mask  # -inf at padding
         attn = torch.softmax(scores, dim=0)  # over the context positions
         attn = self.dropout(attn)  # [context_len, batch, heads]
-        out = (attn[..., None] * context.value).sum(
-            0
-        )  # [batch, heads, d_k]
+        # [batch, heads, d_k]
+        out = (attn[..., None] * context.value).sum(0)
         out = self.output(out.reshape(out.shape[0], -1))  # [batch, d_model]
         return (out, attn) if need_weights else out
 

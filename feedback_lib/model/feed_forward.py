@@ -19,12 +19,14 @@ class FeedForward(nn.Module):
     [..., d_model]``.
 
     Args:
-        d_model: width of the model. d_ff: width of the hidden layer.
-        dropout: dropout on the hidden layer. activation: the hidden
-        activation module; ReLU when None. is_gated: multiply the activation
-        by a second linear map of the input (``linear_v``). bias1, bias2,
-        bias_gate: whether ``layer1``, ``layer2`` and ``linear_v`` have
-        biases.
+        d_model: width of the model.
+        d_ff: width of the hidden layer.
+        dropout: dropout on the hidden layer.
+        activation: the hidden activation module; ReLU when None.
+        is_gated: multiply the activation by a second linear map of the
+            input (``linear_v``).
+        bias1, bias2, bias_gate: whether ``layer1``, ``layer2`` and
+            ``linear_v`` have biases.
     """
 
     def __init__(

@@ -29,11 +29,12 @@ class FeedbackTransformerLayer(nn.Module):
     step.
 
     Args:
-        d_model: width of the model. attn: the
-        :class:`~feedback_lib.FeedbackAttention` over the memory.
+        d_model: width of the model.
+        attn: the :class:`~feedback_lib.FeedbackAttention` over the memory.
         feed_forward: the position-wise block, ``[..., d_model]`` in and
-        out. dropout_prob: dropout on the output of each block. cross_attn:
-        a :class:`~feedback_lib.CrossAttention`, or None.
+            out.
+        dropout_prob: dropout on the output of each block.
+        cross_attn: a :class:`~feedback_lib.CrossAttention`, or None.
     """
 
     def __init__(
@@ -78,7 +79,9 @@ class FeedbackTransformerLayer(nn.Module):
         ``key``/``value``: the memory as :class:`FeedbackAttention` takes
         it (None at the first step); ``tables``: the attention's position
         tables, cut once per call by the transformer; ``context``: what
-        ``cross_attn`` reads (chapter 11).
+        ``cross_attn`` reads (chapter 11), a :class:`PreparedContext` (the
+        transformer prepares one per call, with its padding mask) or a
+        context tensor without padding.
         """
         self.check_memory_and_context(key, value, context)
         if key is not None:  # a memory to attend to

@@ -7,13 +7,12 @@ entries (``j = 0`` is the oldest; entry ``j`` lies ``m - j`` steps back):
 
 ``A + C`` (content, and the query's position bias ``U^Q``) and ``B + D``
 (the position of the key: a learned vector ``U^K`` and bias ``S`` per
-distance). This is labml.ai's form, after Transformer-XL; chapter 2 says
-where the authors' code differs. The readable loop of the transformer
-(chapter 5) scores one query at a time with :func:`relative_scores`; the
-parallel twin (chapter 8) scores every pair at once with the same
-:func:`position_scores`. The fused loop (chapter 7) and the numpy
-reference (chapter 3) are translations of these lines, checked against
-them by the tests.
+distance). This is labml.ai's form, after Transformer-XL. The readable
+loop of the transformer (chapter 5) scores one query at a time with
+:func:`relative_scores`; the parallel twin (chapter 8) scores every pair
+at once with the same :func:`position_scores`. The fused loop (chapter 7)
+and the numpy reference (chapter 3) are translations of these lines,
+checked against them by the tests.
 """
 
 from __future__ import annotations
@@ -55,9 +54,8 @@ def position_tables(
     """Cut the learned tables ``[P, heads, d_k]`` and ``[P, heads]`` (row
     ``P - d`` is distance ``d``) to the last ``length`` distances."""
     return PositionTables(
-        key_pos_embeddings[-length:].permute(
-            1, 2, 0
-        ),  # [heads, d_k, length]
+        # [heads, d_k, length]
+        key_pos_embeddings[-length:].permute(1, 2, 0),
         key_pos_bias[-length:].t()[:, None, :],  # [heads, 1, length]
     )
 

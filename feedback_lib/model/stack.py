@@ -143,9 +143,8 @@ class Stack:
 
     Args:
         capacity: the most rows the stack will hold; the buffer is allocated
-        with this many rows
-            on the first append (the transformers size it from their input
-            and memory).
+            with this many rows on the first append (the transformers size
+            it from their input and memory).
     """
 
     def __init__(self, capacity: int):

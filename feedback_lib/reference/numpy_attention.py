@@ -103,13 +103,11 @@ def feedback_attention_numpy(
     seq_len = key.shape[0]
 
     # 1. Project and split into heads.
-    q = (query @ weights["W_q"].T).reshape(
-        batch, heads, d_k
-    )  # [batch, heads, d_k]
+    # [batch, heads, d_k]
+    q = (query @ weights["W_q"].T).reshape(batch, heads, d_k)
     if "W_k" in weights:
-        k = (key @ weights["W_k"].T).reshape(
-            seq_len, batch, heads, d_k
-        )  # [seq_len, batch, heads, d_k]
+        # [seq_len, batch, heads, d_k]
+        k = (key @ weights["W_k"].T).reshape(seq_len, batch, heads, d_k)
         v = (value @ weights["W_v"].T + weights["b_v"]).reshape(
             seq_len, batch, heads, d_k
         )
@@ -121,14 +119,12 @@ def feedback_attention_numpy(
     s = weights["S"][-seq_len:]  # [seq_len, heads]
     # 3. The four score terms, summed and scaled.
     terms = score_terms_numpy(q, k, weights["U_Q"], u_k, s)
-    scores = (terms["A"] + terms["B"] + terms["C"] + terms["D"]) / np.sqrt(
-        d_k
-    )  # [seq_len, batch, heads]
+    total = terms["A"] + terms["B"] + terms["C"] + terms["D"]
+    scores = total / np.sqrt(d_k)  # [seq_len, batch, heads]
     # 4. Softmax over the memory (time) axis.
     attn = softmax_numpy(scores, axis=0)  # [seq_len, batch, heads]
     # 5. Weighted sum of the values, heads concatenated.
-    x = np.einsum("jbh,jbhd->bhd", attn, v).reshape(
-        batch, d_model
-    )  # [batch, d_model]
+    # [batch, d_model]
+    x = np.einsum("jbh,jbhd->bhd", attn, v).reshape(batch, d_model)
     # 6. Output projection.
     return x @ weights["W_o"].T + weights["b_o"]  # [batch, d_model]

@@ -393,17 +393,7 @@ def train(
     batch_size, ...``; accuracy is measured on held-out programs of exactly
     ``n_statements`` statements every ``eval_every`` steps and at the end.
     """
-    for name, value in (
-        ("steps", steps),
-        ("batch_size", batch_size),
-        ("eval_every", eval_every),
-    ):
-        check_positive_int(name, value)
-    if seed + steps * batch_size >= HELD_OUT_SEED:
-        raise ValueError(
-            "training seeds would reach the held-out programs (seed "
-            f"{HELD_OUT_SEED} on)"
-        )
+    check_training_programs(steps, batch_size, eval_every, seed)
     optimizer, scheduler = optimizer_and_schedule(
         model,
         lr=lr,
@@ -442,6 +432,24 @@ def train(
     )
     model.eval()
     return history
+
+
+def check_training_programs(
+    steps: int, batch_size: int, eval_every: int, seed: int
+) -> None:
+    """Raise unless :func:`train`'s sizes are positive integers and its
+    training programs stay below the held-out seeds."""
+    for name, value in (
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("eval_every", eval_every),
+    ):
+        check_positive_int(name, value)
+    if seed + steps * batch_size >= HELD_OUT_SEED:
+        raise ValueError(
+            "training seeds would reach the held-out programs (seed "
+            f"{HELD_OUT_SEED} on)"
+        )
 
 
 def chance_accuracy(

@@ -106,15 +106,13 @@ class ReversalTask:
         padding = positions >= lengths[:, None]  # [batch, src_len]
         source = symbols.masked_fill(padding, PAD)  # [batch, src_len]
         # Reversed: position i holds source position length - 1 - i.
-        backwards = (lengths[:, None] - 1 - positions).clamp(
-            min=0
-        )  # [batch, src_len]
+        # [batch, src_len]
+        backwards = (lengths[:, None] - 1 - positions).clamp(min=0)
         reversed_source = source.gather(1, backwards).masked_fill(
             padding, PAD
         )
-        target = F.pad(
-            reversed_source, (1, 1), value=PAD
-        )  # [batch, src_len + 2]
+        # [batch, src_len + 2]
+        target = F.pad(reversed_source, (1, 1), value=PAD)
         target[:, 0] = BOS
         target.scatter_(1, (lengths + 1)[:, None], EOS)
         return ReversalBatch(source, padding, target)
@@ -172,15 +170,12 @@ class SourceEncoder(nn.Module):
                 f"source has {source.shape[1]} positions; the encoder was "
                 f"built for max_len={self.max_len}"
             )
-        positions = torch.arange(
-            source.shape[1], device=source.device
-        )  # [src_len]
-        x = self.embed(source) + self.positions(
-            positions
-        )  # [batch, src_len, d_model]
-        return self.encoder(
-            x, src_key_padding_mask=padding_mask
-        )  # [batch, src_len, d_model]
+        # [src_len]
+        positions = torch.arange(source.shape[1], device=source.device)
+        # [batch, src_len, d_model]
+        x = self.embed(source) + self.positions(positions)
+        # [batch, src_len, d_model]
+        return self.encoder(x, src_key_padding_mask=padding_mask)
 
 
 class EncoderDecoder(nn.Module):
@@ -233,9 +228,8 @@ class EncoderDecoder(nn.Module):
         """Logits ``[batch, tgt_len, n_vocab]`` of the decoder reading
         ``target_in [batch, tgt_len]`` over the encoded ``source [batch,
         src_len]``; position ``t`` predicts target token ``t + 1``."""
-        context = self.encoder(
-            source, source_padding_mask
-        )  # [batch, src_len, d_model]
+        # [batch, src_len, d_model]
+        context = self.encoder(source, source_padding_mask)
         return self.decoder(
             target_in,
             context=context,
@@ -265,9 +259,8 @@ class EncoderDecoder(nn.Module):
         (in eval mode). The source is encoded once; every decoding step
         reads the encoded source."""
         with eval_mode(self):
-            context = self.encoder(
-                source, source_padding_mask
-            )  # [batch, src_len, d_model]
+            # [batch, src_len, d_model]
+            context = self.encoder(source, source_padding_mask)
             prompt = torch.full(
                 (source.shape[0], 1),
                 BOS,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-#: Keys every checkpoint holds (see :func:`feedback_lib.train.train`).
+#: Keys every checkpoint holds (see ``training.cli.train``).
 CHECKPOINT_KEYS = (
     "format",
     "config",

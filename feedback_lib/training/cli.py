@@ -6,7 +6,7 @@ Tiny Shakespeare with :func:`~feedback_lib.training.loop.fit`:
 
 * ``feedback``: :class:`~feedback_lib.FeedbackLM` (shared keys and values),
   token by token;
-* ``twin``: :class:`~feedback_lib.warm_start.ParallelTwinLM`, the same
+* ``twin``: :class:`~feedback_lib.ParallelTwinLM`, the same
   layers run in parallel (the first stage of a warm start; ``init_from`` its
   checkpoint to continue as a feedback model);
 * ``parallel``: :class:`~feedback_lib.ParallelLM`, a standard
@@ -19,11 +19,10 @@ checkpoints from which a run resumes with the losses it would have had.
 
 Examples::
 
-    python -m feedback_lib.training --steps 2000 --checkpoint
-    runs/feedback.pt python -m feedback_lib.training --model twin --steps
-    3000 --checkpoint runs/twin.pt python -m feedback_lib.training
-    --init-from runs/twin.pt --steps 500 --checkpoint runs/warm.pt torchrun
-    --nproc_per_node=2 -m feedback_lib.training --steps 100
+    python -m feedback_lib.training --steps 2000 --checkpoint run.pt
+    python -m feedback_lib.training --model twin --checkpoint twin.pt
+    python -m feedback_lib.training --init-from twin.pt --steps 500
+    torchrun --nproc_per_node=2 -m feedback_lib.training --steps 100
 """
 
 from __future__ import annotations
@@ -39,7 +38,11 @@ from torch import nn
 
 from feedback_lib.baselines.parallel import ParallelLM
 from feedback_lib.baselines.twin import ParallelTwinLM, load_twin_weights
-from feedback_lib.checks import check_positive_int, check_probability
+from feedback_lib.checks import (
+    check_nonnegative_int,
+    check_positive_int,
+    check_probability,
+)
 from feedback_lib.model.lm import FeedbackLM
 from feedback_lib.training import distributed
 from feedback_lib.training.checkpoint import (
@@ -102,7 +105,7 @@ class TrainConfig:
     d_ff: int = _option(1024, "width of the feed-forward hidden layer")
     dropout: float = _option(
         0.0,
-        "dropout (above 0 the feedback model runs its reference loop, "
+        "dropout (above 0 the feedback model runs its readable loop, "
         "about 3x slower)",
     )
     mem_len: int | None = _option(
@@ -189,15 +192,7 @@ class TrainConfig:
         ):
             check_positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "checkpoint_every", "seed"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or value < 0
-            ):
-                raise ValueError(
-                    f"{name} must be an integer >= 0, got {value!r}"
-                )
+            check_nonnegative_int(name, getattr(self, name))
         for name, low, high in (
             ("lr", 0, math.inf),
             ("grad_clip", 0, math.inf),
@@ -303,9 +298,8 @@ class History:
         )
         joined = {}
         for f in dataclasses.fields(self):
-            offset = offsets.get(
-                f.name.removeprefix("val_"), 0
-            )  # 0 for losses, lr and seq_len
+            # 0 for losses, lr and seq_len
+            offset = offsets.get(f.name.removeprefix("val_"), 0)
             joined[f.name] = getattr(self, f.name) + [
                 v + offset for v in getattr(later, f.name)
             ]
@@ -369,7 +363,7 @@ def load_weights(
     """Start ``model`` (of ``kind``, built from ``model_config``) from the
     weights of the checkpoint ``state``: the same kind loads one to one; a
     twin's weights start a feedback model of the same shape
-    (:func:`~feedback_lib.warm_start.load_twin_weights`)."""
+    (:func:`~feedback_lib.baselines.twin.load_twin_weights`)."""
     source = state["model_kind"]
     if source != kind and (source, kind) != ("twin", "feedback"):
         raise ValueError(
@@ -422,7 +416,7 @@ def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
 
     ``text`` overrides the training text (tests use a small one); by default
     Tiny Shakespeare is read from ``config.data`` (see
-    :func:`~feedback_lib.data.shakespeare_path`).
+    :func:`~feedback_lib.training.data.shakespeare_path`).
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(
@@ -455,9 +449,8 @@ def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
             f"over {place.world_size} processes"
         )
     for seq_len, _ in curriculum.stages:
-        place.rows(
-            config.batch_tokens // seq_len
-        )  # every stage's global batch must split evenly
+        # every stage's global batch must split evenly
+        place.rows(config.batch_tokens // seq_len)
 
     torch.manual_seed(config.seed)
     model_config = config.model_config(tokenizer.n_vocab)
@@ -485,9 +478,8 @@ def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if (
-            state["scaler"] and scaler.is_enabled()
-        ):  # a float16 run resumed in float16
+        # a float16 run resumed in float16
+        if state["scaler"] and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
         history, start = History(**state["history"]), state["step"]
         torch.set_rng_state(state["rng"]["cpu"])
@@ -565,9 +557,8 @@ def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
         nonlocal seconds, tokens
         seq_len = report.batch[0].shape[1]
         seconds += report.seconds
-        tokens += (
-            config.batch_tokens // seq_len * seq_len
-        )  # all processes' tokens
+        # all processes' tokens
+        tokens += config.batch_tokens // seq_len * seq_len
         for name, value in (
             ("step", report.step),
             ("tokens", tokens),

@@ -1,11 +1,11 @@
 """Data-parallel training under ``torchrun`` (gloo on the CPU, NCCL on CUDA)
 for the training chapter.
 
-``torchrun --nproc_per_node=N -m feedback_lib.train ...`` starts N processes
-with ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` set. Each process takes its
-rows of the same global batch and DistributedDataParallel averages the
-gradients, so N processes follow the single-process run with the same global
-batch (up to the order of floating-point sums).
+``torchrun --nproc_per_node=N -m feedback_lib.training ...`` starts N
+processes with ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` set. Each process
+takes its rows of the same global batch and DistributedDataParallel averages
+the gradients, so N processes follow the single-process run with the same
+global batch (up to the order of floating-point sums).
 """
 
 from __future__ import annotations

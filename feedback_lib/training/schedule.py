@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from feedback_lib.checks import check_positive_int
+from feedback_lib.checks import check_nonnegative_int, check_positive_int
 
 
 class WarmupCosine:
@@ -16,14 +16,7 @@ class WarmupCosine:
     this object's three numbers)."""
 
     def __init__(self, warmup: int, total: int, min_ratio: float = 0.1):
-        if (
-            isinstance(warmup, bool)
-            or not isinstance(warmup, int)
-            or warmup < 0
-        ):
-            raise ValueError(
-                f"warmup must be an integer >= 0, got {warmup!r}"
-            )
+        check_nonnegative_int("warmup", warmup)
         check_positive_int("total", total)
         if not 0 <= min_ratio <= 1:
             raise ValueError(
