@@ -21,7 +21,10 @@ The tree shows the architecture:
   (chapter 11);
 * ``book``: the chapters' helpers: figures, widgets, showing source, the
   information-flow graphs, the fast mode, random parameters;
-* ``bench``: ``python -m feedback_lib.bench``, speed and memory.
+* ``bench``: ``python -m feedback_lib.bench``, speed and memory;
+* ``checks`` (the input checks of the public entry points) and ``lazy``
+  (subpackages imported on first use, so that ``import feedback_lib``
+  needs neither matplotlib nor the training code).
 
 Shapes: the core modules are **time-major**, as in labml.ai's
 implementation: ``FeedbackAttention`` takes ``query [batch, d_model]``
@@ -46,6 +49,7 @@ from feedback_lib.book.information_flow import (
 )
 from feedback_lib.book.randomize import randomize_parameters_
 from feedback_lib.decoding import sample_next_token
+from feedback_lib.lazy import submodules
 from feedback_lib.model.attention import (
     FeedbackAttention,
     HeadProjection,
@@ -107,24 +111,5 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-#: Subpackages and modules imported on first use, so that ``fl.training``
-#: works after ``import feedback_lib as fl`` without importing everything.
-_LAZY = (
-    "baselines",
-    "bench",
-    "book",
-    "decoding",
-    "fast",
-    "model",
-    "reference",
-    "tasks",
-    "training",
-)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return importlib.import_module(f"feedback_lib.{name}")
-    raise AttributeError(f"module 'feedback_lib' has no attribute {name!r}")
+# fl.training, fl.book.plots, ...: imported on first use (lazy.py).
+__getattr__ = submodules(__name__)

@@ -176,7 +176,7 @@ def check_token_ids(
             f"{name} is on device {tokens.device} but the model is on "
             f"{device}"
         )
-    low, high = int(tokens.min()), int(tokens.max())
+    low, high = (int(v) for v in torch.aminmax(tokens))
     if low < 0 or high >= n_vocab:
         bad = low if low < 0 else high
         raise ValueError(

@@ -89,8 +89,9 @@ class Linear:
 
     On a CPU with MKL (float32) the weight is packed once into MKL's
     layout, so the per-step products skip the repacking ``torch.addmm``
-    does at every call: the same numbers, about twice as fast for the
-    16-row products of the benchmark. Elsewhere it is ``torch.addmm``.
+    does at every call: the same numbers, faster by an amount that
+    depends on the CPU (chapter 7 measures it). Elsewhere it is
+    ``torch.addmm``.
     """
 
     #: Its entries in the C++ argument lists (an empty tensor: none).

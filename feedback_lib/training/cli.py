@@ -106,7 +106,7 @@ class TrainConfig:
     dropout: float = _option(
         0.0,
         "dropout (above 0 the feedback model runs its readable loop, "
-        "about 3x slower)",
+        "slower: 2.4x in chapter 7's run)",
     )
     mem_len: int | None = _option(
         None,
