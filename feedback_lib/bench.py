@@ -20,6 +20,9 @@ best round is kept, so that a busy machine slows every implementation alike.
 ``--memory`` adds the peak training memory of the naive stack, the Stack and
 the fused loop. Chapter 7 of the book shows a stored run and chapter 6 the
 memory and time against the sequence length; ``--help`` lists the options.
+A bad option (a size below 1, an unknown device, a ``--json`` path that
+cannot be written, ...) is a usage error before any timing; the JSON
+report is written when the benchmark has finished, in one piece.
 """
 
 from __future__ import annotations
@@ -32,15 +35,17 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from feedback_lib.baselines.parallel import ParallelLM
-from feedback_lib.checks import check_positive_int
+from feedback_lib.checks import check_heads, check_positive_int
 from feedback_lib.decoding import Decoder, RereadingDecoder, generate_from
 from feedback_lib.fast import native
 from feedback_lib.model.lm import FeedbackLM
@@ -64,6 +69,12 @@ class BenchConfig:
     gen_tokens: int = 128
     repeats: int = 3
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if name != "device":
+                check_positive_int(name, value)
+        check_heads(self.heads, self.d_model)
 
 
 @dataclass
@@ -280,13 +291,21 @@ def contenders(
     config: BenchConfig, only: list[str] | None = None
 ) -> list[Contender]:
     """Every available implementation on ``config.device`` (those whose name
-    starts with one of ``only``)."""
+    starts with one of ``only``; each prefix must match one)."""
     found = (
         feedback_lib_contenders(config)
         + labml_contenders(config)
         + ftp_contenders(config)
     )
     if only:
+        names = [c.name for c in found]
+        for prefix in only:
+            if not any(name.startswith(prefix) for name in names):
+                raise ValueError(
+                    "no available implementation's name starts with "
+                    f"{prefix!r} (of only={only}); the names are "
+                    + ", ".join(map(repr, names))
+                )
         found = [
             c
             for c in found
@@ -407,9 +426,15 @@ def run(
     only: list[str] | None = None,
     generate: bool = True,
 ) -> list[Result]:
-    """Time every available implementation; returns one :class:`Result`
-    each."""
-    found = contenders(config, only)
+    """Time every available implementation (see :func:`contenders`);
+    returns one :class:`Result` each."""
+    return measure(contenders(config, only), config, generate)
+
+
+def measure(
+    found: list[Contender], config: BenchConfig, generate: bool = True
+) -> list[Result]:
+    """Time the implementations ``found``; one :class:`Result` each."""
     seconds = time_training(found, config)
     tokens = config.batch * config.seq_len
     return [
@@ -632,6 +657,69 @@ def time_scaling(
     return seconds
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, got {text!r}"
+        )
+    return value
+
+
+def _device(text: str) -> str:
+    """argparse type: ``cpu``, or ``cuda``/``cuda:N`` where CUDA is."""
+    cuda = torch.cuda.device_count()
+    try:
+        device = torch.device(text)
+        known = device.type == "cpu" or (
+            device.type == "cuda" and (device.index or 0) < cuda
+        )
+    except RuntimeError:  # not a device name
+        known = False
+    if not known:
+        raise argparse.ArgumentTypeError(
+            f"expected cpu or cuda[:index] ({cuda} CUDA devices here), "
+            f"got {text!r}"
+        )
+    return text
+
+
+def _json_path(text: str) -> str:
+    """argparse type: a file that can be written (checked now, written
+    after the benchmark)."""
+    path = Path(text)
+    problem = None
+    if path.exists() and not path.is_file():
+        problem = "it is a folder" if path.is_dir() else "not a file"
+    elif not path.parent.is_dir():
+        problem = f"{str(path.parent)!r} is not an existing folder"
+    else:
+        try:
+            if path.exists():
+                open(path, "a").close()  # neither truncated nor changed
+            tempfile.TemporaryFile(dir=path.parent).close()
+        except OSError as error:
+            problem = f"it cannot be written ({error.strerror})"
+    if problem:
+        raise argparse.ArgumentTypeError(
+            f"expected a file in a writable folder, got {text!r}: {problem}"
+        )
+    return text
+
+
+def write_json(path: str, report: dict) -> None:
+    """Write ``report`` to ``path`` in one piece: a reader never sees half
+    of it, and a failure leaves an older file as it was."""
+    partial = Path(path).with_name(Path(path).name + ".partial")
+    with open(partial, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(partial, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m feedback_lib.bench",
@@ -651,15 +739,17 @@ def main(argv: list[str] | None = None) -> None:
     ):
         parser.add_argument(
             "--" + name.replace("_", "-"),
-            type=int,
+            type=_positive_int,
             default=getattr(defaults, name),
         )
     parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
+        "--device",
+        type=_device,
+        default="cuda" if torch.cuda.is_available() else "cpu",
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=_positive_int,
         default=None,
         help="torch.set_num_threads (default: torch's)",
     )
@@ -679,10 +769,13 @@ def main(argv: list[str] | None = None) -> None:
         help="also measure the peak training memory of the naive stack, "
         "the Stack and the fused loop",
     )
-    parser.add_argument("--memory-seq-len", type=int, default=512)
-    parser.add_argument("--memory-batch", type=int, default=4)
+    parser.add_argument("--memory-seq-len", type=_positive_int, default=512)
+    parser.add_argument("--memory-batch", type=_positive_int, default=4)
     parser.add_argument(
-        "--json", default=None, help="also write the results to this file"
+        "--json",
+        type=_json_path,
+        default=None,
+        help="also write the results to this file",
     )
     parser.add_argument(
         "--memory-worker", default=None, help=argparse.SUPPRESS
@@ -697,11 +790,28 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
         return
+    try:
+        config = BenchConfig(
+            **{name: getattr(args, name) for name in asdict(defaults)}
+        )
+    except ValueError as error:  # heads must divide d_model
+        parser.error(f"argument --heads: {error}")
+    if (
+        args.memory
+        and not config.device.startswith("cuda")
+        and not sys.platform.startswith("linux")
+    ):
+        parser.error(
+            "argument --memory: the peak memory on a CPU is read from "
+            "/proc (Linux only); expected --device cuda"
+        )
+    only = [p for p in (args.only or "").split(",") if p] or None
+    try:
+        found = contenders(config, only)
+    except ValueError as error:
+        parser.error(f"argument --only: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = BenchConfig(
-        **{name: getattr(args, name) for name in asdict(defaults)}
-    )
     print(f"machine: {machine()}")
     print(
         f"model: d_model {config.d_model}, {config.heads} heads, "
@@ -710,11 +820,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{config.repeats}; generation: {config.gen_tokens} tokens at "
         "batch 1, greedy"
     )
-    results = run(
-        config,
-        args.only.split(",") if args.only else None,
-        generate=not args.no_generate,
-    )
+    results = measure(found, config, generate=not args.no_generate)
     print(format_table(results))
     report = {
         "machine": machine(),
@@ -748,8 +854,7 @@ def main(argv: list[str] | None = None) -> None:
             "peak_bytes": memory,
         }
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ message.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -16,20 +17,36 @@ import torch
 TOKEN_DTYPES = (torch.int64, torch.int32)
 
 
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is an integer (Python's or NumPy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(
+        value, bool
+    )
+
+
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds integers (not bool, not floating point)."""
+    return not (dtype.is_floating_point or dtype.is_complex) and (
+        dtype != torch.bool
+    )
+
+
 def check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is an ``int`` >= 1, else raise naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """Return ``value`` as an ``int`` if it is an integer >= 1 (NumPy's
+    too), else raise naming it."""
+    if not is_integer(value) or value < 1:
         raise ValueError(
             f"{name} must be a positive integer, got {value!r}"
         )
-    return value
+    return int(value)
 
 
 def check_nonnegative_int(name: str, value: object) -> int:
-    """Return ``value`` if it is an ``int`` >= 0, else raise naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """Return ``value`` as an ``int`` if it is an integer >= 0, else raise
+    naming it."""
+    if not is_integer(value) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_probability(name: str, value: object) -> float:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -29,6 +31,7 @@ from feedback_lib.checks import (
     check_positive_int,
     check_tensor,
     check_token_ids,
+    is_integer,
 )
 
 
@@ -38,11 +41,11 @@ def check_sampling(
     generator: torch.Generator | None = None,
 ) -> None:
     """Raise a clear error unless ``temperature`` is a finite number >= 0,
-    ``top_k`` None or a positive integer and ``generator`` None or a
-    ``torch.Generator``."""
+    ``top_k`` None or a positive integer (Python's or NumPy's) and
+    ``generator`` None or a ``torch.Generator``."""
     if (
         isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
+        or not isinstance(temperature, numbers.Real)
         or not math.isfinite(temperature)
         or temperature < 0
     ):
@@ -50,9 +53,7 @@ def check_sampling(
             "temperature must be a finite number >= 0 (0 means greedy), "
             f"got {temperature!r}"
         )
-    if top_k is not None and (
-        isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
-    ):
+    if top_k is not None and (not is_integer(top_k) or top_k < 1):
         raise ValueError(
             f"top_k must be None or an integer >= 1, got {top_k!r}"
         )
@@ -60,6 +61,34 @@ def check_sampling(
         raise TypeError(
             "generator must be None or a torch.Generator, got "
             f"{type(generator).__name__}"
+        )
+
+
+def check_logits(logits: object) -> None:
+    """Raise a clear error unless ``logits`` is a float ``[batch,
+    n_vocab]`` tensor whose every row can pick a token: no NaN, and not
+    all ``-inf``."""
+    check_tensor("logits", logits, ["batch", "n_vocab"], [None, None])
+    if logits.is_meta:
+        raise ValueError(
+            "logits is on the meta device: it holds no values to pick from"
+        )
+    if not logits.is_floating_point():
+        raise TypeError(
+            f"logits must be a floating-point tensor, got {logits.dtype}"
+        )
+    nan = logits.isnan().any(-1)  # [batch]
+    empty = logits.amax(-1) == float("-inf")
+    if (nan | empty).any():
+        kind, rows, hint = (
+            ("NaN", nan, "the model's outputs are not finite")
+            if nan.any()
+            else ("only -inf", empty, "every token is masked out")
+        )
+        listed = rows.nonzero().flatten().tolist()
+        raise ValueError(
+            f"logits has {kind} in row(s) {listed}: no token can be picked "
+            f"there ({hint})"
         )
 
 
@@ -76,22 +105,59 @@ def sample_next_token(
     Otherwise the logits are divided by ``temperature``; with ``top_k``,
     only tokens whose logit is at least the ``top_k``-th largest can be
     drawn (ties included); a token is drawn from the softmax, with
-    ``generator`` for reproducible draws.
+    ``generator`` for reproducible draws. A ``+inf`` logit is certain:
+    one of the row's ``+inf`` tokens is drawn. Rows with NaN or only
+    ``-inf`` are an error.
     """
-    check_tensor("logits", logits, ["batch", "n_vocab"], [None, None])
+    check_logits(logits)
     check_sampling(temperature, top_k, generator)
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1, keepdim=True)
     # Shifted by the maximum and divided in float64: even a tiny
     # temperature gives 0 for the best token and -inf for the rest.
     logits = logits.double()
-    best = logits.max(dim=-1, keepdim=True).values
-    scaled = (logits - best) / temperature  # [batch, n_vocab]
+    best = logits.max(dim=-1, keepdim=True).values  # [batch, 1]
+    scaled = torch.where(
+        best.isinf(),  # a +inf maximum: its tokens get 0, the rest -inf
+        (logits == best).double().log(),
+        (logits - best) / temperature,
+    )  # [batch, n_vocab]
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # [batch, 1]
+        kth = torch.topk(scaled, int(top_k), dim=-1).values[:, -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)  # [batch, n_vocab]
     return torch.multinomial(probs, 1, generator=generator)  # [batch, 1]
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory of ``device`` (the CPU's physical memory, a GPU's
+    total), or None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def check_output_fits(
+    batch: int, length: int, max_new_tokens: int, device: torch.device
+) -> None:
+    """Raise, naming ``max_new_tokens``, unless the ids ``generate`` returns
+    (``[batch, length + max_new_tokens]``, int64) fit in the memory of
+    ``device``: no memory window makes a larger request possible, and
+    refusing it at once beats failing after hours of generation."""
+    total = batch * (length + max_new_tokens) * 8  # bytes of int64 ids
+    available = device_memory(device)
+    if available is not None and total > available:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} asks for "
+            f"{total / 2**30:,.0f} GiB of token ids, more than the "
+            f"{available / 2**30:,.0f} GiB of memory of {device}; generate "
+            "fewer tokens"
+        )
 
 
 @contextlib.contextmanager
@@ -207,8 +273,11 @@ class GenerationMixin:
         """
         device = next(self.parameters()).device
         check_token_ids("prompt", prompt, self.n_vocab, device)
-        check_positive_int("max_new_tokens", max_new_tokens)
+        max_new_tokens = check_positive_int(
+            "max_new_tokens", max_new_tokens
+        )
         check_sampling(temperature, top_k, generator)
+        check_output_fits(*prompt.shape, max_new_tokens, device)
         # The last token sampled is never read back: one row fewer.
         capacity = prompt.shape[1] + max_new_tokens - 1
         with eval_mode(self):

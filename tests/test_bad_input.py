@@ -1,6 +1,7 @@
 """Every kind of bad input raises an error that names the argument and what was expected."""
 
 import feedback_lib as fl
+import numpy as np
 import pytest
 import torch
 
@@ -136,6 +137,15 @@ def test_tokens_wrong_rank_or_dtype():
         lm(torch.zeros(5, dtype=torch.long))
     with pytest.raises(TypeError, match="integer token ids.*torch.float32"):
         lm(torch.zeros(1, 5))
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.bool):  # nn.Embedding takes none
+        for model in (
+            lm,
+            fl.ParallelLM(10, d_model=D_MODEL, heads=2, n_layers=1, d_ff=32, max_len=8),
+        ):
+            with pytest.raises(TypeError, match=f"integer token ids.*{dtype}"):
+                model(torch.zeros(1, 5, dtype=dtype))
+        with pytest.raises(TypeError, match=f"prompt must hold integer token ids.*{dtype}"):
+            lm.generate(torch.zeros(1, 5, dtype=dtype), 1)
 
 
 @pytest.mark.parametrize("call", ["lm", "transformer", "attention"])
@@ -250,6 +260,57 @@ def test_bad_sampling_arguments():
         lm.generate(prompt, 0)
 
 
+def test_sampling_takes_numpy_numbers():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert fl.sample_next_token(logits, np.float32(0.5), np.int64(1)).item() == 1
+    assert fl.sample_next_token(logits, np.float64(0), None).item() == 1
+    assert make_lm().generate(torch.zeros(1, 2, dtype=torch.long), np.int64(2)).shape == (1, 4)
+
+
+def test_an_infinite_logit_is_certain():
+    inf = float("inf")
+    logits = torch.tensor([[0.0, inf, 1.0, inf], [0.0, 1.0, inf, -inf]])
+    for temperature, top_k in [(1.0, None), (0.01, 2), (100.0, 3), (0, None)]:
+        for seed in range(5):
+            g = torch.Generator().manual_seed(seed)
+            picked = fl.sample_next_token(logits, temperature, top_k, generator=g)[:, 0]
+            assert picked[0].item() in (1, 3) and picked[1].item() == 2
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_logits_no_token_can_come_from(temperature):
+    nan, inf = float("nan"), float("inf")
+    with pytest.raises(ValueError, match=r"logits has NaN in row\(s\) \[1\]"):
+        fl.sample_next_token(torch.tensor([[0.0, 1.0], [nan, 1.0]]), temperature)
+    with pytest.raises(ValueError, match=r"logits has only -inf in row\(s\) \[0\]"):
+        fl.sample_next_token(torch.tensor([[-inf, -inf], [0.0, 1.0]]), temperature)
+    with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
+        fl.sample_next_token(torch.tensor([[0, 1]]), temperature)
+
+
+def test_a_memory_window_bounds_what_a_decoder_allocates():
+    """With mem_len, a decoder's buffers hold a window of the memory, not
+    its capacity: a decoder for 10**12 tokens works, and its steps slide
+    the window (also past a read larger than the buffer) exactly as one
+    forward call attends."""
+    torch.manual_seed(0)
+    lm = fl.FeedbackLM(10, d_model=16, heads=2, n_layers=2, d_ff=32, mem_len=4).double().eval()
+    decoder = lm.decoder(1, 10**12)
+    assert decoder.fused is not None and decoder.step(
+        torch.zeros(1, 3, dtype=torch.long)
+    ).shape == (1, 10)
+    assert len(decoder.fused.keys) == 8
+    tokens = torch.randint(0, 10, (2, 40))
+    with torch.no_grad():
+        full = lm(tokens)
+    decoder = lm.decoder(2, 40)
+    ends = [3, *range(4, 12), 19, *range(20, 30), 35, *range(36, 41)]  # reads of 8 and 6 grow it
+    for start, end in zip([0, *ends], ends):
+        logits = decoder.step(tokens[:, start:end])
+        torch.testing.assert_close(logits, full[:, end - 1], atol=1e-10, rtol=0)
+    assert len(decoder.fused.keys) == 12
+
+
 def test_transformer_rejects_the_wrong_attention_kind():
     layer = fl.FeedbackTransformerLayer(
         d_model=16,
@@ -268,9 +329,20 @@ def test_transformer_rejects_the_wrong_attention_kind():
             feed_forward=fl.FeedForward(8, 8),
             dropout_prob=0.0,
         )
+    with pytest.raises(
+        ValueError, match="feed_forward was built for d_model=32 but the layer has d_model=16"
+    ):
+        fl.FeedbackTransformerLayer(
+            d_model=16,
+            attn=fl.FeedbackAttention(4, 16),
+            feed_forward=fl.FeedForward(32, 64),
+            dropout_prob=0.0,
+        )
 
 
 def test_flags_must_be_booleans():
+    with pytest.raises(TypeError, match="is_kv_precomputed must be True or False, got 'no'"):
+        fl.FeedbackAttention(4, 16, 0.0, is_kv_precomputed="no")
     with pytest.raises(TypeError, match="shared_kv must be True or False, got 'no'"):
         fl.FeedbackLM(5, d_model=8, heads=2, n_layers=1, d_ff=8, shared_kv="no")
     with pytest.raises(TypeError, match="return_memory must be True or False"):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -137,3 +138,112 @@ def test_command_line(tmp_path, capsys):
         "feedback_lib KV, readable loop",
         "parallel (nn.TransformerEncoder)",
     ]
+
+
+# Usage errors of the command line: each names its option and what it expects, before any work.
+
+
+@pytest.fixture
+def no_benchmark(monkeypatch):
+    """Fail the test if the command line gets as far as timing anything."""
+    for name in ("measure", "machine", "peak_training_memory"):
+        monkeypatch.setattr(bench, name, lambda *a, **k: pytest.fail("the benchmark ran"))
+
+
+def usage_error(capsys, argv):
+    """The message of the usage error that ``argv`` makes (argparse exits with status 2)."""
+    with pytest.raises(SystemExit) as exit:
+        bench.main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m feedback_lib.bench")
+    return err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--repeats", "0"], "argument --repeats: expected a positive integer, got '0'"),
+        (["--d-model", "-16"], "argument --d-model: expected a positive integer, got '-16'"),
+        (["--batch", "two"], "argument --batch: expected a positive integer, got 'two'"),
+        (["--gen-tokens", "0"], "argument --gen-tokens: expected a positive integer, got '0'"),
+        (["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
+        (["--memory-seq-len", "0"], "argument --memory-seq-len: expected a positive integer"),
+        (["--memory-batch", "1.5"], "argument --memory-batch: expected a positive integer"),
+        (
+            ["--device", "gpu"],
+            r"argument --device: expected cpu or cuda\[:index\] \(\d+ CUDA devices here\), got 'gpu'",
+        ),
+        (
+            ["--device", "cuda:99"],
+            r"argument --device: expected cpu or cuda\[:index\].*got 'cuda:99'",
+        ),
+        (["--device", "meta"], r"argument --device: expected cpu or cuda\[:index\].*got 'meta'"),
+        (
+            ["--heads", "3"],
+            "argument --heads: d_model must be divisible by heads, got d_model=256, heads=3",
+        ),
+        (
+            ["--only", "feedback_lib,labmll"],
+            "argument --only: no available implementation's name starts with 'labmll'.*the names are 'feedback_lib', ",
+        ),
+    ],
+)
+def test_a_bad_option_is_a_usage_error_before_any_work(capsys, no_benchmark, argv, message):
+    assert re.search(message, usage_error(capsys, argv))
+
+
+def test_the_json_path_is_checked_before_any_work(capsys, no_benchmark, tmp_path):
+    assert re.search(
+        r"argument --json: expected a file in a writable folder, got '.*missing/bench.json': '.*missing' is not an existing folder",
+        usage_error(capsys, ["--json", str(tmp_path / "missing" / "bench.json")]),
+    )
+    assert re.search(
+        "argument --json: expected a file in a writable folder, got .*: it is a folder",
+        usage_error(capsys, ["--json", str(tmp_path)]),
+    )
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_unwritable_json_folder_is_a_usage_error(capsys, monkeypatch, no_benchmark, tmp_path):
+    def refused(dir):
+        raise PermissionError(13, "Permission denied", dir)
+
+    monkeypatch.setattr(bench.tempfile, "TemporaryFile", refused)  # as in a read-only folder
+    assert re.search(
+        r"argument --json: .*: it cannot be written \(Permission denied\)",
+        usage_error(capsys, ["--json", str(tmp_path / "bench.json")]),
+    )
+
+
+def test_memory_on_a_cpu_needs_linux(capsys, monkeypatch, no_benchmark):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert re.search(
+        r"argument --memory: the peak memory on a CPU is read from /proc \(Linux only\); expected --device cuda",
+        usage_error(capsys, ["--memory", "--device", "cpu"]),
+    )
+
+
+def test_the_json_report_is_written_only_when_the_benchmark_has_finished(monkeypatch, tmp_path):
+    out = tmp_path / "bench.json"
+    out.write_text("the previous report")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "measure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--only", "parallel", "--json", str(out)])
+    assert out.read_text() == "the previous report"  # neither truncated nor half written
+    bench.write_json(str(out), {"results": []})
+    assert json.loads(out.read_text()) == {"results": []}
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+
+def test_the_configuration_is_checked():
+    with pytest.raises(ValueError, match="repeats must be a positive integer, got 0"):
+        bench.BenchConfig(repeats=0)
+    with pytest.raises(ValueError, match="d_model must be divisible by heads"):
+        bench.BenchConfig(d_model=10, heads=4)
+    with pytest.raises(ValueError, match="no available implementation's name starts with 'nope'"):
+        bench.contenders(TINY, only=["feedback_lib", "nope"])

@@ -83,6 +83,13 @@ def test_padded_context_positions_are_ignored(shared_kv):
     changed = context.masked_fill(mask[..., None], 100.0)  # new values where padded only
     logits = lm(tokens, context=context, context_padding_mask=mask)
     torch.testing.assert_close(lm(tokens, context=changed, context_padding_mask=mask), logits)
+    for value in (float("nan"), float("inf"), -float("inf")):  # whatever padding holds
+        odd = context.masked_fill(mask[..., None], value)
+        torch.testing.assert_close(lm(tokens, context=odd, context_padding_mask=mask), logits)
+        torch.testing.assert_close(
+            lm.generate(tokens, 2, 0, context=odd, context_padding_mask=mask),
+            lm.generate(tokens, 2, 0, context=context, context_padding_mask=mask),
+        )
     assert not torch.allclose(lm(tokens, context=changed), logits)  # without the mask they matter
     maps = fl.cross_attention_maps(lm, tokens, context, mask)  # [n_layers, batch, heads, seq, ctx]
     assert maps.shape == (N_LAYERS, 3, HEADS, 6, CONTEXT_LEN)

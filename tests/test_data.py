@@ -6,6 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from feedback_lib.training import data
@@ -141,6 +142,44 @@ def test_tokenizer_errors_name_the_problem():
         data.CharTokenizer("aa")
     with pytest.raises(ValueError, match="needs a non-empty text"):
         data.CharTokenizer.fit("")
+    with pytest.raises(TypeError, match="text must be a str, got bytes"):
+        tok.encode(b"abc")
+    for ids in (torch.tensor([True, False]), torch.tensor([1.0, 2.0]), torch.zeros(2, 2).long()):
+        with pytest.raises(TypeError, match="ids must be a 1-D tensor of integer token ids"):
+            tok.decode(ids)
+    with pytest.raises(TypeError, match="ids must be integer token ids, got 1.0 of type float"):
+        tok.decode([0, 1.0])
+    assert (
+        tok.decode(torch.tensor([2, 0], dtype=torch.uint8)) == tok.decode([np.int64(2), 0]) == "ca"
+    )
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        torch.zeros(4, 100, dtype=torch.long),
+        torch.zeros(100),
+        torch.zeros(100, dtype=torch.bool),
+        [1, 2, 3],
+    ],
+)
+def test_batch_sampler_takes_1d_integer_ids_only(ids):
+    with pytest.raises(TypeError, match=r"ids must be a 1-D tensor of integer token ids \[n\]"):
+        data.BatchSampler(ids)
+
+
+def test_batch_sampler_seed():
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        data.BatchSampler(torch.arange(100), seed=-1)
+    ids = torch.arange(100)
+    x, _ = data.BatchSampler(ids, seed=2**64 - 1).batch(10**6, 2, 8)  # any seed and step draw
+    assert x.shape == (2, 8)
+    small = data.BatchSampler(ids, seed=3).batch(
+        5, 2, 8
+    )  # the draws of small seeds stay as they were
+    generator = torch.Generator().manual_seed(3 * 1_000_003 + 5)
+    start = torch.randint(100 - 8, (2,), generator=generator)[0].item()
+    assert small[0][0].tolist() == list(range(start, start + 8))
 
 
 def test_split_is_in_text_order():

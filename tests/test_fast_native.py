@@ -3,6 +3,12 @@ sizes they check on every call, and the buffer pool of the fused loop."""
 
 import contextlib
 import gc
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import feedback_lib as fl
 import pytest
@@ -119,6 +125,158 @@ def test_python_loops_nest(monkeypatch, fresh_state):
             assert native.extension(torch.device("cpu"), torch.float32) is None
         assert native.extension(torch.device("cpu"), torch.float32) is None
     assert native.extension(torch.device("cpu"), torch.float32) == "the module"
+
+
+# The build lock: a build killed half-way must not leave the next one waiting forever.
+
+
+needs_flock = pytest.mark.skipif(sys.platform == "win32", reason="Windows has no flock")
+
+
+def build_directory(root):
+    """Where _build builds when TORCH_EXTENSIONS_DIR is ``root``."""
+    return root / ("feedback_lib_step_loops_" + torch.backends.cpu.get_cpu_capability().lower())
+
+
+def test_without_the_private_build_directory_api_the_python_loops_run(monkeypatch, fresh_state):
+    """The lock needs ``cpp_extension._get_build_directory`` (private); a PyTorch without it
+    gives the usual fall-back warning, never a crash."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.delattr(cpp_extension, "_get_build_directory")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("built anyway"))
+    monkeypatch.setenv(native.NATIVE_ENV, "auto")
+    with pytest.warns(RuntimeWarning, match="could not build its C.. step loops.*AttributeError"):
+        assert native.load() is None
+
+
+@needs_flock
+def test_a_stale_torch_lock_is_removed_before_the_build(monkeypatch, tmp_path, fresh_state):
+    import fcntl
+
+    from torch.utils import cpp_extension
+
+    directory = build_directory(tmp_path)
+    directory.mkdir()
+    (directory / "lock").touch()  # left by a build that was killed
+    seen = {}
+
+    def fake_load(**kwargs):  # what cpp_extension.load finds
+        seen.update(kwargs, lock=(directory / "lock").exists())
+        with open(directory / "feedback_lib.flock") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held during the build
+        return "the module"
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv(native.NATIVE_ENV, "require")
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(native, "check_layouts", lambda module: None)
+    with pytest.warns(
+        RuntimeWarning,
+        match=f"removed {re.escape(str(directory / 'lock'))}, left by a build that was interrupted",
+    ):
+        assert native.load() == "the module"
+    assert seen["lock"] is False and seen["build_directory"] == str(directory)
+    assert (directory / "feedback_lib.flock").read_text() == str(os.getpid())
+    with open(directory / "feedback_lib.flock") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released after the build
+
+
+def test_no_warning_without_a_stale_lock(tmp_path, recwarn):
+    with native.build_lock(tmp_path):
+        pass
+    assert not recwarn.list
+
+
+@contextlib.contextmanager
+def live_builder(directory, seconds):
+    """Another process that holds the build lock for ``seconds`` (a build in progress)."""
+    code = (
+        "import fcntl, os, sys, time\n"
+        "f = open(sys.argv[1], 'a+')\n"
+        "fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.write(str(os.getpid())); f.flush()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(float(sys.argv[2]))\n"
+    )
+    path = str(directory / "feedback_lib.flock")
+    with subprocess.Popen(
+        [sys.executable, "-c", code, path, str(seconds)], stdout=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdout.readline() == "held\n"
+        try:
+            yield process
+        finally:
+            process.kill()
+
+
+@needs_flock
+def test_a_live_build_is_waited_for(tmp_path):
+    with live_builder(tmp_path, 1) as other:
+        with pytest.warns(
+            RuntimeWarning,
+            match=f"waiting for process {other.pid}, which is building the C\\+\\+ step loops into {re.escape(str(tmp_path))}",
+        ):
+            start = time.monotonic()
+            with native.build_lock(tmp_path):
+                waited = time.monotonic() - start
+    assert waited > 0.5  # entered once the other build ended, after about a second
+
+
+@needs_flock
+def test_waiting_for_a_live_build_ends_in_an_error_naming_the_lock(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "WAIT_SECONDS", 1)
+    with live_builder(tmp_path, 60) as other:
+        with (
+            pytest.warns(RuntimeWarning, match=f"waiting for process {other.pid}"),
+            pytest.raises(
+                TimeoutError,
+                match=f"process {other.pid} still holds {re.escape(str(tmp_path / 'feedback_lib.flock'))} after 1 s",
+            ),
+        ):
+            with native.build_lock(tmp_path):
+                pytest.fail("built while another process builds")
+
+
+def test_without_flock_a_torch_lock_is_waited_for_then_named(monkeypatch, tmp_path):
+    """Windows has no flock: a lock that stays is named, with what to do."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl fails
+    monkeypatch.setattr(native, "WAIT_SECONDS", 1)
+    (tmp_path / "lock").touch()
+    with (
+        pytest.warns(
+            RuntimeWarning, match=f"waiting for {re.escape(str(tmp_path / 'lock'))} to go"
+        ),
+        pytest.raises(
+            TimeoutError,
+            match=f"{re.escape(str(tmp_path / 'lock'))} still exists after 1 s; delete it if no other process is building",
+        ),
+    ):
+        with native.build_lock(tmp_path):
+            pytest.fail("built past the lock")
+
+
+@pytest.mark.slow
+@needs_flock
+def test_a_build_after_a_killed_build_finishes(tmp_path):
+    """A real build is killed while it compiles (its whole process group, as when a Jupyter
+    kernel is restarted); the next build removes PyTorch's stale lock and completes."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), native.NATIVE_ENV: "require"}
+    command = [sys.executable, "-c", "from feedback_lib.fast import native; native.load()"]
+    lock = build_directory(tmp_path) / "lock"
+    first = subprocess.Popen(command, env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (build_directory(tmp_path) / "build.ninja").exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the build never started"
+        time.sleep(0.1)
+    time.sleep(2)  # the compiler is running
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert lock.exists()
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert f"removed {lock}, left by a build that was interrupted" in second.stderr
+    assert not lock.exists()
 
 
 # The buffer pool.

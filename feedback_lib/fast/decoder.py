@@ -20,7 +20,8 @@ from feedback_lib.fast.tensors import (
 
 class FusedState:
     """Token-by-token inference of a shared key/value transformer over one
-    preallocated memory of ``capacity`` steps for ``batch`` sequences.
+    preallocated memory for ``batch`` sequences of up to ``capacity``
+    steps (twice ``mem_len`` steps when the model has one).
 
     The keys and values live in one buffer and the weights stay packed
     from call to call, instead of a new buffer and new packing per token.
@@ -48,10 +49,14 @@ class FusedState:
         )
         self.prepared = native_forward_args(self.layers, self.memory)
         weight = model.norm.weight
-        shape = (capacity, batch, spec.heads, spec.d_k)
+        # With mem_len, room for twice the window: when it is full, the
+        # window slides back to the front (see make_room).
+        rows = capacity if spec.mem_len is None else 2 * spec.mem_len
+        shape = (min(capacity, rows), batch, spec.heads, spec.d_k)
         self.keys = weight.new_zeros(shape)
         self.values = weight.new_zeros(shape)
         self.batch, self.capacity, self.length = batch, capacity, 0
+        self.used = 0  # rows of keys and values in use
         self.d_ff = self.layers[0].ff1.weight.shape[0]
         # One token at a time reuses one set of buffers, with room for
         # the attention weights of the longest memory.
@@ -75,13 +80,14 @@ class FusedState:
                 f"{self.batch} ({self.length} used); got x_seq of shape "
                 f"{list(x_seq.shape)}"
             )
+        self.make_room(n)
         if n == 1:
             acts = self.one_step
             acts.xs[0, 0] = x_seq[0]
-            acts.spans = step_spans(self.spec, self.length, 1)
+            acts.spans = step_spans(self.spec, self.used, 1)
         else:
             acts = Activations.allocate(
-                self.spec, x_seq, self.length, self.d_ff
+                self.spec, x_seq, self.used, self.d_ff
             )
         forward_steps(
             self.spec,
@@ -94,4 +100,29 @@ class FusedState:
             self.prepared,
         )
         self.length += n
+        self.used += n
         return self.model.norm(acts.xs[:, -1])
+
+    def make_room(self, n: int) -> None:
+        """Make room for ``n`` more rows. Only a model with ``mem_len``
+        runs out (the buffer holds every row otherwise): the last
+        ``mem_len`` rows, all that later steps attend to, move to the
+        front, in a larger buffer if ``n`` more would still not fit. The
+        scores depend on distances only, so the rows may sit anywhere."""
+        rows = len(self.keys)
+        if self.used + n <= rows:
+            return
+        keep = min(self.used, self.spec.mem_len)
+        old = slice(self.used - keep, self.used)
+        if keep + n > rows:
+            rows = keep + n
+            shape = (rows, *self.keys.shape[1:])
+            keys, values = (
+                self.keys.new_empty(shape),
+                self.keys.new_empty(shape),
+            )
+        else:
+            keys, values = self.keys, self.values
+        keys[:keep] = self.keys[old].clone()
+        values[:keep] = self.values[old].clone()
+        self.keys, self.values, self.used = keys, values, keep

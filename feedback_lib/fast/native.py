@@ -15,6 +15,17 @@ loads, its argument layouts are checked against
 when possible, ``0``/``off`` never builds it, ``require`` raises if it
 cannot be built (CI uses that, so the tests never silently skip the C++
 loops). :func:`python_loops` switches it off for a block of code.
+
+A build that is killed (a Jupyter kernel restarted during the first model
+call) leaves PyTorch's ``lock`` file in the build directory, and PyTorch
+would wait for it forever. So a build first takes its own lock,
+``feedback_lib.flock`` in the same directory, with ``flock``, which the
+operating system releases when its process ends: whoever holds it is the
+only live builder, and a ``lock`` file it finds is stale and removed, with
+a warning. A second process waits for a live build, with a warning, at
+most :data:`WAIT_SECONDS`, then raises an error naming the lock. Where
+there is no ``flock`` (Windows), a ``lock`` file is waited for the same
+way, and the error says to delete it if no build is running.
 """
 
 from __future__ import annotations
@@ -23,8 +34,9 @@ import contextlib
 import os
 import shutil
 import sys
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -37,6 +49,8 @@ NATIVE_ENV = "FEEDBACK_LIB_NATIVE"
 SOURCE = Path(__file__).with_name("step_loops.cpp")
 #: The dtypes the C++ loops are compiled for.
 DTYPES = (torch.float32, torch.float64)
+#: How long a build waits for another process's build (seconds).
+WAIT_SECONDS = 600.0
 
 _MODES = {
     "": "auto",
@@ -105,13 +119,80 @@ def _build() -> ModuleType:
     # compiler has no -fopenmp: there they run on one thread.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     capability = torch.backends.cpu.get_cpu_capability().lower()
-    return cpp_extension.load(
-        name="feedback_lib_step_loops_" + capability,
-        sources=[str(SOURCE)],
-        extra_cflags=flags + openmp,
-        extra_ldflags=openmp,
-        verbose=False,
-    )
+    name = "feedback_lib_step_loops_" + capability
+    # $TORCH_EXTENSIONS_DIR/name, else ~/.cache/torch_extensions/...
+    directory = Path(cpp_extension._get_build_directory(name, False))
+    with build_lock(directory):
+        return cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=flags + openmp,
+            extra_ldflags=openmp,
+            build_directory=str(directory),
+            verbose=False,
+        )
+
+
+def _wait(acquire: Callable[[], bool], waiting: str, error: str) -> None:
+    """Warn ``waiting``, then call ``acquire`` until it returns True;
+    raise ``TimeoutError(error)`` after :data:`WAIT_SECONDS`."""
+    warnings.warn(waiting, RuntimeWarning, stacklevel=2)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not acquire():
+        if time.monotonic() > deadline:
+            raise TimeoutError(error)
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """Within the block, this process is the only one building into
+    ``directory``, and PyTorch's ``lock`` file there is not stale."""
+    stale = directory / "lock"
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock to tell a stale lock
+        if stale.exists():
+            _wait(
+                lambda: not stale.exists(),
+                f"waiting for {stale} to go: another process is building "
+                "the C++ step loops, or a build was interrupted and left "
+                "it (then delete it)",
+                f"{stale} still exists after {WAIT_SECONDS:.0f} s; delete "
+                "it if no other process is building the C++ step loops",
+            )
+        yield
+        return
+    path = directory / "feedback_lib.flock"
+    with open(path, "a+") as ours:  # closing it releases the lock
+
+        def acquire() -> bool:
+            try:
+                fcntl.flock(ours, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+        if not acquire():
+            holder = path.read_text().strip() or "?"
+            _wait(
+                acquire,
+                f"waiting for process {holder}, which is building the C++ "
+                f"step loops into {directory} (it holds {path})",
+                f"process {holder} still holds {path} after "
+                f"{WAIT_SECONDS:.0f} s; end it to build the C++ step loops",
+            )
+        ours.truncate(0)
+        ours.write(str(os.getpid()))
+        ours.flush()
+        if stale.exists():  # and no live build holds our lock
+            warnings.warn(
+                f"removed {stale}, left by a build that was interrupted",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            stale.unlink(missing_ok=True)
+        yield
 
 
 def check_layouts(module: ModuleType) -> None:

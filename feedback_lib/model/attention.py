@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from feedback_lib.checks import (
+    check_bool,
     check_heads,
     check_like,
     check_probability,
@@ -79,6 +80,7 @@ class FeedbackAttention(nn.Module):
     ):
         d_k = check_heads(heads, d_model)
         check_probability("dropout_prob", dropout_prob)
+        check_bool("is_kv_precomputed", is_kv_precomputed)
         super().__init__()
         self.d_k = d_k
         self.heads = heads

@@ -87,16 +87,19 @@ class CrossAttention(nn.Module):
         context_padding_mask: torch.Tensor | None = None,
     ) -> PreparedContext:
         """Project ``context [context_len, batch, d_model]`` into keys and
-        values once, and turn the padding mask into an additive one."""
-        key = self.key(context)  # [context_len, batch, heads, d_k]
-        value = self.value(context)  # [context_len, batch, heads, d_k]
+        values once, and turn the padding mask into an additive one.
+        Padding is zeroed first: whatever it holds (even NaN or inf), it
+        never reaches an output."""
         mask = None
         if context_padding_mask is not None:
             padding = context_padding_mask.t()[..., None]  # [len, batch, 1]
+            context = context.masked_fill(padding, 0)
             mask = torch.zeros(
-                padding.shape, dtype=key.dtype, device=key.device
+                padding.shape, dtype=context.dtype, device=context.device
             )
             mask = mask.masked_fill(padding, float("-inf"))
+        key = self.key(context)  # [context_len, batch, heads, d_k]
+        value = self.value(context)  # [context_len, batch, heads, d_k]
         return PreparedContext(key, value, mask)
 
     def forward(

@@ -57,6 +57,11 @@ class FeedForward(nn.Module):
         if is_gated:
             self.linear_v = nn.Linear(d_model, d_ff, bias=bias_gate)
 
+    @property
+    def d_model(self) -> int:
+        """The width it reads and writes."""
+        return self.layer1.in_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.activation(self.layer1(x))  # [..., d_ff]
         if self.is_gated:

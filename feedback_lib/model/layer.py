@@ -49,6 +49,7 @@ class FeedbackTransformerLayer(nn.Module):
         check_positive_int("d_model", d_model)
         check_probability("dropout_prob", dropout_prob)
         check_part("attn", attn, FeedbackAttention, d_model)
+        check_part("feed_forward", feed_forward, nn.Module, d_model)
         if cross_attn is not None:
             check_part("cross_attn", cross_attn, CrossAttention, d_model)
         super().__init__()
@@ -111,12 +112,14 @@ class FeedbackTransformerLayer(nn.Module):
 
 
 def check_part(name: str, module: object, cls: type, d_model: int) -> None:
-    """Raise unless ``module`` is a ``cls`` built for ``d_model``."""
+    """Raise unless ``module`` is a ``cls`` built for ``d_model`` (a module
+    without a ``d_model`` attribute cannot say its width and is trusted).
+    """
     if not isinstance(module, cls):
         raise TypeError(
             f"{name} must be a {cls.__name__}, got {type(module).__name__}"
         )
-    if module.d_model != d_model:
+    if getattr(module, "d_model", d_model) != d_model:
         raise ValueError(
             f"{name} was built for d_model={module.d_model} but the layer "
             f"has d_model={d_model}"

@@ -17,6 +17,11 @@ periodic validation, an optional sequence-length curriculum, mixed precision
 and TF32 on CUDA, data parallelism under ``torchrun``, and atomic
 checkpoints from which a run resumes with the losses it would have had.
 
+A setting that cannot work is refused before the work it would spoil
+(:class:`ConfigError`, a usage error on the command line); Ctrl-C or
+SIGTERM stops :func:`main` after the step in progress, with a checkpoint
+to resume from.
+
 Examples::
 
     python -m feedback_lib.training --steps 2000 --checkpoint run.pt
@@ -28,10 +33,17 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import FrameType
 
 import torch
 from torch import nn
@@ -39,25 +51,30 @@ from torch import nn
 from feedback_lib.baselines.parallel import ParallelLM
 from feedback_lib.baselines.twin import ParallelTwinLM, load_twin_weights
 from feedback_lib.checks import (
+    check_heads,
     check_nonnegative_int,
     check_positive_int,
     check_probability,
 )
 from feedback_lib.model.lm import FeedbackLM
+from feedback_lib.model.scores import MAX_POSITIONS
 from feedback_lib.training import distributed
 from feedback_lib.training.checkpoint import (
     FORMAT,
+    check_checkpoint_path,
     load_checkpoint,
+    remove_stale_temporaries,
     save_checkpoint,
 )
 from feedback_lib.training.data import (
     BatchSampler,
     CharTokenizer,
-    load_shakespeare,
+    shakespeare_path,
     split_ids,
 )
 from feedback_lib.training.devices import (
     PRECISIONS,
+    Precision,
     configure_backends,
     pick_device,
     pick_precision,
@@ -83,6 +100,40 @@ RUNTIME_FIELDS = (
     "progress",
     "log",
 )
+#: The largest seed: torch.manual_seed takes seeds below 2**64 (the batch
+# sampler reduces the seeds it derives modulo 2**64).
+MAX_SEED = 2**64 - 1
+#: The most characters main samples after training: a feedback model
+# without mem_len decodes with a memory of at most MAX_POSITIONS steps.
+MAX_SAMPLE = MAX_POSITIONS
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, found before any work starts (chapter
+    8). ``option`` is the :class:`TrainConfig` field (or ``sample``);
+    :func:`main` reports it as a usage error of ``--option``."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+    @property
+    def flag(self) -> str:
+        """The command-line option: ``--`` and the field's name with
+        dashes."""
+        return "--" + self.option.replace("_", "-")
+
+
+@contextlib.contextmanager
+def _setting(option: str) -> Iterator[None]:
+    """Report a ``ValueError`` (or a missing file) raised inside as a
+    :class:`ConfigError` of ``option``."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(option, str(error)) from None
 
 
 def _option(default, help: str):
@@ -110,11 +161,14 @@ class TrainConfig:
     )
     mem_len: int | None = _option(
         None,
-        "feedback/twin: attend to at most this many past steps (default: "
-        "all)",
+        "feedback/twin: attend to at most this many past steps, up to "
+        f"{MAX_POSITIONS} (default: all)",
     )
     seq_len: int = _option(
-        128, "training sequence length (ignored when a curriculum is given)"
+        128,
+        "training sequence length (ignored when a curriculum is given); "
+        f"at most {MAX_POSITIONS} for the twin and for the feedback model "
+        "without mem_len",
     )
     curriculum: str | None = _option(
         None,
@@ -149,7 +203,10 @@ class TrainConfig:
     val_fraction: float = _option(
         0.1, "share of the text (its end) held out for validation"
     )
-    seed: int = _option(0, "seed of the weights, the batches and dropout")
+    seed: int = _option(
+        0,
+        f"seed of the weights, the batches and dropout (0 to {MAX_SEED})",
+    )
     device: str = _option(
         "auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
     )
@@ -166,7 +223,11 @@ class TrainConfig:
         None,
         "start from this checkpoint's weights (a twin's: the warm start)",
     )
-    checkpoint: str | None = _option(None, "write checkpoints to this path")
+    checkpoint: str | None = _option(
+        None,
+        "write checkpoints to this path (a regular file or absent; missing "
+        "directories are created), also when the run is interrupted",
+    )
     checkpoint_every: int = _option(
         0, "also checkpoint every this many steps (0: only at the end)"
     )
@@ -174,10 +235,11 @@ class TrainConfig:
     progress: bool = _option(True, "show a progress bar")
     log: bool = _option(False, "print one line per validation")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.model not in MODEL_KINDS:
-            raise ValueError(
-                f"model must be one of {MODEL_KINDS}, got {self.model!r}"
+            raise ConfigError(
+                "model",
+                f"model must be one of {MODEL_KINDS}, got {self.model!r}",
             )
         for name in (
             "d_model",
@@ -190,9 +252,19 @@ class TrainConfig:
             "eval_every",
             "eval_windows",
         ):
-            check_positive_int(name, getattr(self, name))
+            with _setting(name):
+                check_positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "checkpoint_every", "seed"):
-            check_nonnegative_int(name, getattr(self, name))
+            with _setting(name):
+                check_nonnegative_int(name, getattr(self, name))
+        if self.seed > MAX_SEED:
+            raise ConfigError(
+                "seed",
+                f"seed must be at most {MAX_SEED} (2**64 - 1), got "
+                f"{self.seed}",
+            )
+        with _setting("heads"):
+            check_heads(self.heads, self.d_model)
         for name, low, high in (
             ("lr", 0, math.inf),
             ("grad_clip", 0, math.inf),
@@ -214,34 +286,65 @@ class TrainConfig:
                     "val_fraction": "in (0, 1)",
                     "min_lr_ratio": "in [0, 1]",
                 }.get(name, ">= 0")
-                raise ValueError(
+                raise ConfigError(
+                    name,
                     f"{name} must be a finite number {bounds}, got "
-                    f"{value!r}"
+                    f"{value!r}",
                 )
-        check_probability("dropout", self.dropout)
+        with _setting("dropout"):
+            check_probability("dropout", self.dropout)
         if self.mem_len is not None:
-            check_positive_int("mem_len", self.mem_len)
+            with _setting("mem_len"):
+                check_positive_int("mem_len", self.mem_len)
             if self.model == "parallel":
-                raise ValueError(
+                raise ConfigError(
+                    "mem_len",
                     "mem_len applies to the feedback and twin models; the "
                     "parallel model attends to its whole context (leave "
-                    "mem_len unset)"
+                    "mem_len unset)",
+                )
+            if self.mem_len > MAX_POSITIONS:
+                raise ConfigError(
+                    "mem_len",
+                    f"mem_len must be at most {MAX_POSITIONS}, the number "
+                    "of relative positions of the feedback and twin "
+                    f"models, got {self.mem_len}",
                 )
         if self.precision not in PRECISIONS:
-            raise ValueError(
+            raise ConfigError(
+                "precision",
                 f"precision must be one of {PRECISIONS}, got "
-                f"{self.precision!r}"
+                f"{self.precision!r}",
             )
         if self.resume and not self.checkpoint:
-            raise ValueError(
-                "resume=True needs a checkpoint path to resume from"
+            raise ConfigError(
+                "resume",
+                "resume=True needs a checkpoint path to resume from",
             )
-        curriculum = self.schedule()
+        length = "curriculum" if self.curriculum else "seq_len"
+        with _setting(length):
+            curriculum = self.schedule()
+        if curriculum.longest > MAX_POSITIONS and (
+            self.model == "twin"
+            or (self.model == "feedback" and self.mem_len is None)
+        ):
+            shorter = f"use sequences of at most {MAX_POSITIONS}"
+            if self.model == "feedback":
+                shorter += (
+                    f" or limit its memory (mem_len <= {MAX_POSITIONS})"
+                )
+            raise ConfigError(
+                length,
+                f"sequences of {curriculum.longest} tokens are longer than "
+                f"the {MAX_POSITIONS} relative positions the {self.model} "
+                f"model attends over; {shorter}",
+            )
         if self.batch_tokens < curriculum.longest:
-            raise ValueError(
+            raise ConfigError(
+                "batch_tokens",
                 f"batch_tokens={self.batch_tokens} is less than one "
                 f"sequence of {curriculum.longest} tokens; every step "
-                "needs at least one row"
+                "needs at least one row",
             )
 
     def schedule(self) -> Curriculum:
@@ -317,13 +420,19 @@ class History:
 
 @dataclass
 class TrainResult:
-    """A finished run: the model (on its device, in eval mode), its
-    tokenizer, history and config."""
+    """A run: the model (on its device, in eval mode), its tokenizer,
+    history and config; ``stopped`` when a stop request ended it before
+    ``config.steps`` (the history says how far it got)."""
 
     model: nn.Module
     tokenizer: CharTokenizer
     history: History
     config: TrainConfig
+    stopped: bool = False
+
+    @property
+    def steps_done(self) -> int:
+        return self.history.step[-1] if self.history.step else 0
 
     @property
     def val_loss(self) -> float:
@@ -357,32 +466,57 @@ def build_model(kind: str, model_config: dict) -> nn.Module:
     return ParallelLM(**model_config)
 
 
-def load_weights(
-    model: nn.Module, kind: str, model_config: dict, state: dict
-) -> None:
-    """Start ``model`` (of ``kind``, built from ``model_config``) from the
-    weights of the checkpoint ``state``: the same kind loads one to one; a
-    twin's weights start a feedback model of the same shape
-    (:func:`~feedback_lib.baselines.twin.load_twin_weights`)."""
-    source = state["model_kind"]
-    if source != kind and (source, kind) != ("twin", "feedback"):
-        raise ValueError(
-            f"a {kind} model cannot start from a {source} checkpoint (only "
-            "the same kind, or a twin's weights for a feedback model)"
-        )
-    if state["model_config"] != model_config:
-        raise ValueError(
-            "the checkpoint holds a model of another shape: "
-            f"{state['model_config']}, this run builds {model_config}"
-        )
-    if source == kind:
-        model.load_state_dict(state["model"])
-    else:
-        load_twin_weights(model, state["model"])
+def _device_and_precision(
+    config: TrainConfig,
+) -> tuple[torch.device, Precision]:
+    with _setting("device"):
+        device = pick_device(config.device)
+    with _setting("precision"):
+        return device, pick_precision(device, config.precision)
 
 
-def _check_resumable(saved: dict, config: TrainConfig) -> None:
-    ours = dataclasses.asdict(config)
+def _read_checkpoints(
+    config: TrainConfig,
+) -> tuple[dict | None, dict | None]:
+    """Check that the run can write ``config.checkpoint``; read and check
+    the checkpoint it resumes from or the one whose weights it starts
+    from: ``(resumed, initial)``, None where there is none."""
+    if config.checkpoint:
+        with _setting("checkpoint"):
+            check_checkpoint_path(config.checkpoint)
+        if not config.resume and os.path.exists(config.checkpoint):
+            raise ConfigError(
+                "checkpoint",
+                f"{config.checkpoint!r} exists (an earlier run's "
+                "checkpoint?) and a new run would replace it: pass resume "
+                "(--resume) to continue that run, or choose another path",
+            )
+    if config.resume and os.path.isfile(config.checkpoint):
+        with _setting("checkpoint"):
+            state = load_checkpoint(config.checkpoint)
+        _check_resumable(state, config)
+        return state, None
+    if config.init_from:
+        with _setting("init_from"):
+            state = load_checkpoint(config.init_from)
+        source = state["model_kind"]
+        # the same kind, or a twin's weights for a feedback model
+        sources = {config.model} | (
+            {"twin"} if config.model == "feedback" else set()
+        )
+        if source not in sources:
+            raise ConfigError(
+                "init_from",
+                f"a {config.model} model cannot start from a {source} "
+                "checkpoint (only the same kind, or a twin's weights for a "
+                "feedback model)",
+            )
+        return None, state
+    return None, None
+
+
+def _check_resumable(state: dict, config: TrainConfig) -> None:
+    saved, ours = state["config"], dataclasses.asdict(config)
     changed = [
         k
         for k in ours
@@ -392,68 +526,181 @@ def _check_resumable(saved: dict, config: TrainConfig) -> None:
         detail = ", ".join(
             f"{k}: {saved.get(k)!r} -> {ours[k]!r}" for k in changed
         )
-        raise ValueError(
+        raise ConfigError(
+            "resume",
             "cannot resume: the checkpoint was written by a run with "
             f"other settings ({detail}); resume with the same settings or "
-            "start a new checkpoint"
+            "start a new checkpoint",
+        )
+    fields = {f.name for f in dataclasses.fields(History)}
+    if set(state["history"]) != fields:
+        raise ConfigError(
+            "checkpoint",
+            f"{config.checkpoint!r} holds a history with the lists "
+            f"{sorted(state['history'])}, expected {sorted(fields)}",
+        )
+    if state["step"] >= config.steps:
+        raise ConfigError(
+            "steps",
+            f"{config.checkpoint!r} is already at step {state['step']}, "
+            f"not before steps={config.steps}: the run has ended and "
+            "nothing is left to train; to train its model further, start "
+            f"a new run from its weights (init_from={config.checkpoint!r} "
+            "and another checkpoint path)",
         )
 
 
 def _check_tokenizer(
-    state: dict, tokenizer: CharTokenizer, path: str
+    state: dict, tokenizer: CharTokenizer, option: str, path: str
 ) -> None:
     if state["tokenizer"] != tokenizer.chars:
-        raise ValueError(
+        raise ConfigError(
+            option,
             f"{path!r} was trained on a text with the characters "
             f"{state['tokenizer']!r}, this text has {tokenizer.chars!r}; "
-            "token ids would mean other characters"
+            "token ids would mean other characters",
         )
 
 
-def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
+def _check_lengths(config: TrainConfig, n_text: int, n_train: int) -> None:
+    """Raise unless the text of ``n_text`` characters, ``n_train`` of them
+    for training, holds a training sequence and a validation window of
+    the longest length, each with its next character."""
+    length = "curriculum" if config.curriculum else "seq_len"
+    longest = config.schedule().longest
+    need, fraction = longest + 1, config.val_fraction
+    n_val = n_text - n_train
+    if 2 * need > n_text:
+        raise ConfigError(
+            length,
+            f"sequences of {longest} tokens need {need} characters for "
+            f"training and {need} for validation; the text has {n_text:,}",
+        )
+    if n_train < need:
+        most = math.floor((1 - need / n_text) * 1e4) / 1e4
+        raise ConfigError(
+            "val_fraction",
+            f"val_fraction={fraction} leaves {n_train:,} of the "
+            f"{n_text:,} characters for training, fewer than the {need} "
+            f"of one sequence of {longest} tokens and its next character; "
+            f"use val_fraction <= {most:g}",
+        )
+    if n_val < need:
+        least = math.ceil(need / n_text * 1e4) / 1e4
+        raise ConfigError(
+            "val_fraction",
+            f"val_fraction={fraction} holds out {n_val:,} of the "
+            f"{n_text:,} characters, fewer than the {need} of one "
+            f"validation window of {longest} tokens and its next "
+            f"character; use val_fraction >= {least:g}",
+        )
+
+
+def _guards(
+    config: TrainConfig, precision: Precision, scaler: torch.amp.GradScaler
+) -> str:
+    """The run's guards against overflow, and the precision to try."""
+    clip = (
+        f"gradient norms clipped to {config.grad_clip:g}"
+        if config.grad_clip
+        else "no gradient clipping"
+    )
+    arithmetic, other = {
+        "fp32": ("float32", None),
+        "bf16": ("bfloat16 autocast", "'fp32'"),
+        # The scaler skips the steps whose gradients overflow; the
+        # forward pass may still overflow float16.
+        "fp16": (
+            "float16 autocast with loss scaling (scale "
+            f"{scaler.get_scale():g})",
+            "'bf16' or 'fp32'",
+        ),
+    }[precision.name]
+    guards = (
+        f"in effect: {clip} (grad_clip={config.grad_clip:g}), "
+        f"{arithmetic} (precision={precision.name!r})"
+    )
+    return f"{guards}; also try precision={other}" if other else guards
+
+
+class _Stop(Exception):
+    """Raised by ``train``'s batches once a stop was requested."""
+
+
+def train(
+    config: TrainConfig,
+    *,
+    text: str | None = None,
+    stop: threading.Event | None = None,
+) -> TrainResult:
     """Train the model ``config`` describes; returns it with its tokenizer
-    and history.
+    and history (the command line of chapter 8 calls it).
 
     ``text`` overrides the training text (tests use a small one); by default
     Tiny Shakespeare is read from ``config.data`` (see
     :func:`~feedback_lib.training.data.shakespeare_path`).
+
+    Every setting that cannot work raises :class:`ConfigError` before the
+    work it would spoil: the device, the checkpoint path and the
+    checkpoints to read are checked before the text is read, the lengths
+    against the text before the model is built.
+
+    ``stop`` (set by a signal handler, as in :func:`main`, or by another
+    thread) ends the run before its next step: it writes a checkpoint of
+    the steps done when ``config.checkpoint`` is set (so that ``resume``
+    continues exactly) and returns with ``stopped=True``. A non-finite
+    training or validation loss raises ``FloatingPointError`` before it is
+    checkpointed, saying which checkpoint is kept.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(
             f"config must be a TrainConfig, got {type(config).__name__}"
         )
-    device = pick_device(config.device)
-    place, device = distributed.start(device)
-    precision = pick_precision(device, config.precision)
-    configure_backends(device)
-    curriculum = config.schedule()
-
-    text = (
-        load_shakespeare(
-            config.data, progress=config.progress and place.is_main
+    device, precision = _device_and_precision(config)
+    resumed, initial = _read_checkpoints(config)
+    with _setting("device"):
+        place, device = distributed.start(device)
+    if config.eval_windows % place.world_size:
+        raise ConfigError(
+            "eval_windows",
+            f"eval_windows={config.eval_windows} does not split evenly "
+            f"over {place.world_size} processes",
         )
-        if text is None
-        else text
-    )
-    tokenizer = CharTokenizer.fit(text)
-    train_ids, val_ids = split_ids(
-        tokenizer.encode(text), config.val_fraction
-    )
+    curriculum = config.schedule()
+    for seq_len, _ in curriculum.stages:
+        # every stage's global batch must split evenly
+        with _setting("batch_tokens"):
+            place.rows(config.batch_tokens // seq_len)
+    configure_backends(device)
+
+    if text is None:
+        with _setting("data"):
+            data = shakespeare_path(
+                config.data, progress=config.progress and place.is_main
+            )
+        text = data.read_text(encoding="utf-8")
+    with _setting("data"):
+        tokenizer = CharTokenizer.fit(text)
+    for option, state in (("checkpoint", resumed), ("init_from", initial)):
+        if state is not None:
+            path = getattr(config, option)
+            _check_tokenizer(state, tokenizer, option, path)
+    ids = tokenizer.encode(text)
+    train_ids, val_ids = split_ids(ids, config.val_fraction)
+    _check_lengths(config, len(ids), len(train_ids))
+    model_config = config.model_config(tokenizer.n_vocab)
+    if initial is not None and initial["model_config"] != model_config:
+        raise ConfigError(
+            "init_from",
+            "the checkpoint holds a model of another shape: "
+            f"{initial['model_config']}, this run builds {model_config}",
+        )
     sampler = BatchSampler(train_ids, config.seed)
     windows = BatchSampler(val_ids).windows(
         curriculum.longest, config.eval_windows
     )
-    if config.eval_windows % place.world_size:
-        raise ValueError(
-            f"eval_windows={config.eval_windows} does not split evenly "
-            f"over {place.world_size} processes"
-        )
-    for seq_len, _ in curriculum.stages:
-        # every stage's global batch must split evenly
-        place.rows(config.batch_tokens // seq_len)
 
     torch.manual_seed(config.seed)
-    model_config = config.model_config(tokenizer.n_vocab)
     model = build_model(config.model, model_config).to(device)
     optimizer, scheduler = optimizer_and_schedule(
         model,
@@ -467,14 +714,8 @@ def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
     scaler = precision.scaler()
     history, start = History(), 0
 
-    if (
-        config.resume
-        and config.checkpoint
-        and os.path.isfile(config.checkpoint)
-    ):
-        state = load_checkpoint(config.checkpoint)
-        _check_resumable(state["config"], config)
-        _check_tokenizer(state, tokenizer, config.checkpoint)
+    if resumed is not None:
+        state = resumed
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -487,39 +728,46 @@ def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         if device.type == "mps" and state["rng"].get("mps") is not None:
             torch.mps.set_rng_state(state["rng"]["mps"])
-    elif config.init_from:
-        state = load_checkpoint(config.init_from)
-        _check_tokenizer(state, tokenizer, config.init_from)
-        load_weights(model, config.model, model_config, state)
+    elif initial is not None:
+        if initial["model_kind"] == config.model:
+            model.load_state_dict(initial["model"])
+        else:  # the warm start: a twin's weights
+            load_twin_weights(model, initial["model"])
+    # the step of the checkpoint on disk, once there is one
+    saved = start if resumed is not None else None
 
     def save(step: int) -> None:
-        if not (config.checkpoint and place.is_main):
+        nonlocal saved
+        if not config.checkpoint:
             return
-        save_checkpoint(
-            config.checkpoint,
-            dict(
-                format=FORMAT,
-                config=dataclasses.asdict(config),
-                model_kind=config.model,
-                model_config=model_config,
-                tokenizer=tokenizer.chars,
-                model=model.state_dict(),
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(),
-                step=step,
-                rng=dict(
-                    cpu=torch.get_rng_state(),
-                    cuda=torch.cuda.get_rng_state(device)
-                    if device.type == "cuda"
-                    else None,
-                    mps=torch.mps.get_rng_state()
-                    if device.type == "mps"
-                    else None,
+        if place.is_main:
+            remove_stale_temporaries(config.checkpoint)
+            save_checkpoint(
+                config.checkpoint,
+                dict(
+                    format=FORMAT,
+                    config=dataclasses.asdict(config),
+                    model_kind=config.model,
+                    model_config=model_config,
+                    tokenizer=tokenizer.chars,
+                    model=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict(),
+                    step=step,
+                    rng=dict(
+                        cpu=torch.get_rng_state(),
+                        cuda=torch.cuda.get_rng_state(device)
+                        if device.type == "cuda"
+                        else None,
+                        mps=torch.mps.get_rng_state()
+                        if device.type == "mps"
+                        else None,
+                    ),
+                    history=dataclasses.asdict(history),
                 ),
-                history=dataclasses.asdict(history),
-            ),
-        )
+            )
+        saved = step
 
     wrapped = model
     if place.enabled:
@@ -530,6 +778,13 @@ def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
 
     def validate(step: int) -> None:
         val = evaluate(model, windows, precision, place, device)
+        if not math.isfinite(val):  # advice as fit's on the training loss
+            advice = f"lower the learning rate (its peak is {config.lr:g})"
+            if not config.grad_clip:
+                advice += " or clip the gradients (grad_clip)"
+            raise FloatingPointError(
+                f"the validation loss became {val} at step {step}; {advice}"
+            )
         history.val_step.append(step)
         history.val_tokens.append(
             history.tokens[-1] if history.tokens else 0
@@ -542,6 +797,9 @@ def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
             print(_log_line(history, step), flush=True)
 
     def batch_at(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # every process stops before the same step
+        if stop is not None and place.any(stop.is_set(), device):
+            raise _Stop
         seq_len = curriculum.seq_len(step, config.steps)
         rows = config.batch_tokens // seq_len  # of the global batch
         x, y = sampler.batch(step, rows, seq_len, place.rows(rows))
@@ -600,9 +858,10 @@ def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
         unit="step",
         mininterval=1.0,
     )
-    if start == 0:
-        validate(0)
+    stopped = False
     try:
+        if start == 0:
+            validate(0)
         fit(
             wrapped,
             batch_at,
@@ -616,12 +875,24 @@ def train(config: TrainConfig, *, text: str | None = None) -> TrainResult:
             place=place,
             after_step=after_step,
         )
+    except _Stop:
+        stopped = True
+        done = history.step[-1] if history.step else 0
+        if done > start and saved != done:
+            save(done)
+    except FloatingPointError as error:
+        kept = (
+            f"the checkpoint {config.checkpoint!r} keeps step {saved}"
+            if saved is not None
+            else "no checkpoint was written"
+        )
+        raise FloatingPointError(
+            f"{error}; {_guards(config, precision, scaler)}; {kept}"
+        ) from None
     finally:
         bar.close()
-    if config.steps == start and not history.val_step:
-        validate(start)
     model.eval()
-    return TrainResult(model, tokenizer, history, config)
+    return TrainResult(model, tokenizer, history, config, stopped)
 
 
 def _log_line(history: History, step: int) -> str:
@@ -644,7 +915,8 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m feedback_lib.training",
         description="Train a feedback transformer (or its parallel twin, "
         "or a standard transformer) on Tiny Shakespeare, as in chapter 8 "
-        "of the book.",
+        "of the book. Ctrl-C (or SIGTERM) stops after the step in "
+        "progress, writes --checkpoint and prints how to continue.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
@@ -678,33 +950,170 @@ def parser() -> argparse.ArgumentParser:
         "--sample",
         type=int,
         default=200,
-        help="characters to generate after training (0: none)",
+        help="characters to generate after training (0: none; at most "
+        f"{MAX_SAMPLE})",
     )
     return p
 
 
-def main(argv: list[str] | None = None) -> TrainResult:
-    """Parse the command line, train, print the final validation loss and a
-    sample."""
-    args = vars(parser().parse_args(argv))
-    sample_chars = args.pop("sample")
-    try:
-        config = TrainConfig(**args)
-    except ValueError as e:
-        parser().error(str(e))
-    try:
-        result = train(config)
-        if int(os.environ.get("RANK", "0")) == 0:
-            val = result.val_loss
-            history = result.history
-            tokens = history.tokens[-1] if history.tokens else 0
+def _check_sample(chars: int) -> None:
+    if not 0 <= chars <= MAX_SAMPLE:
+        raise ConfigError(
+            "sample",
+            f"sample must be from 0 to {MAX_SAMPLE} characters (the "
+            f"feedback model decodes with at most {MAX_POSITIONS} steps "
+            f"of memory), got {chars}",
+        )
+
+
+def _inside_save(frame: FrameType | None) -> bool:
+    """Whether the interrupted code is writing a checkpoint."""
+    while frame is not None:
+        if frame.f_code is save_checkpoint.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
+    """While inside, SIGINT (Ctrl-C) and SIGTERM set ``stop``, so that
+    :func:`train` ends after the step in progress; yields the list of
+    the signals received. Once ``stop`` is set a signal stops at once
+    (KeyboardInterrupt), except while a checkpoint is being written: the
+    write finishes first, so the checkpoint on disk is whole (torch.save
+    stopped midway would also end in an unrelated RuntimeError). Under
+    torchrun, which forwards a signal to every process, the processes
+    only stop after the step. Installed only in the main thread; the
+    previous handlers come back on exit."""
+    received: list[int] = []
+    place = distributed.launched()
+    single = not place.enabled
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if not stop.is_set():
+            stop.set()
+            if place.is_main:
+                print(
+                    f"\n{signal.Signals(signum).name}: stopping after the "
+                    "step in progress"
+                    + (
+                        " (a second signal stops at once)" if single else ""
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
+        elif single and _inside_save(frame):
             print(
-                f"validation loss {val:.4f} nats/char = "
-                f"{val / math.log(2):.4f} bits/char after {tokens:,} "
-                f"tokens, {history.tokens_per_second():,.0f} tokens/s"
+                "finishing the checkpoint being written first",
+                file=sys.stderr,
+                flush=True,
             )
-            if sample_chars:
-                print(result.sample("\n", sample_chars))
+        elif single:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield received
+    finally:
+        for s, before in previous.items():
+            signal.signal(s, before)
+
+
+def _continue_with(argv: list[str]) -> str:
+    """The command that resumes the run of ``argv``."""
+    launcher = (
+        "torchrun [the same options] -m feedback_lib.training"
+        if distributed.launched().enabled
+        else parser().prog
+    )
+    resume = [] if "--resume" in argv else ["--resume"]
+    return f"{launcher} {shlex.join(argv + resume)}"
+
+
+def _stopped(
+    config: TrainConfig, result: TrainResult | None, argv: list[str]
+) -> str:
+    """What an interrupted run kept, and how to continue it; ``result``
+    is None when it stopped at once, inside :func:`train`."""
+    path, kept = config.checkpoint, None
+    if result is None:
+        head = "stopped at once; the step in progress is lost"
+        if path and os.path.isfile(path):
+            kept = f"{path} keeps its last checkpoint"
+    else:
+        done = result.steps_done
+        head = f"interrupted at step {done} of {config.steps}"
+        if path and done > 0:  # train wrote (or resumed from) it
+            kept = f"checkpoint at step {done}: {path}"
+        if done == config.steps:
+            return f"{head}; the run is complete" + (
+                f"; {kept}" if kept else ""
+            )
+    if not path:
+        return (
+            f"{head}; nothing was saved: pass --checkpoint PATH (and "
+            "--checkpoint-every N to also save during the run) to keep "
+            "the work of an interrupted run"
+        )
+    if not kept:
+        return f"{head}; no checkpoint was written yet"
+    return f"{head}; {kept}; continue with: {_continue_with(argv)}"
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    """Parse the command line, train, print the final validation loss and
+    a sample (chapter 8).
+
+    A setting that cannot work is a usage error (status 2) before any
+    work. SIGINT (Ctrl-C) or SIGTERM stops after the step in progress,
+    writes the checkpoint when ``--checkpoint`` is given, prints how to
+    continue and exits with 128 + the signal's number (130 for Ctrl-C); a
+    second signal stops at once. A non-finite loss stops the run with
+    status 1 and keeps the last checkpoint.
+    """
+    p = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = vars(p.parse_args(argv))
+    sample_chars = args.pop("sample")
+    stop = threading.Event()
+    is_main = distributed.launched().is_main
+    result: TrainResult | None = None
+    try:
+        _check_sample(sample_chars)
+        config = TrainConfig(**args)
+        with _stop_on_signals(stop) as received:
+            try:
+                result = train(config, stop=stop)
+                stop.set()  # from here on a signal stops at once
+                if is_main and not result.stopped:
+                    val = result.val_loss
+                    history = result.history
+                    tokens = history.tokens[-1] if history.tokens else 0
+                    print(
+                        f"validation loss {val:.4f} nats/char = "
+                        f"{val / math.log(2):.4f} bits/char after "
+                        f"{tokens:,} tokens, "
+                        f"{history.tokens_per_second():,.0f} tokens/s"
+                    )
+                    if sample_chars and not received:
+                        print(result.sample("\n", sample_chars))
+            except KeyboardInterrupt:  # a second signal: stopped at once
+                pass
+            if received:
+                message = _stopped(config, result, argv)
+                p.exit(
+                    128 + received[-1], f"{message}\n" if is_main else ""
+                )
         return result
+    except ConfigError as error:
+        p.error(f"argument {error.flag}: {error}")
+    except FloatingPointError as error:
+        p.exit(1, f"{p.prog}: error: {error}\n")
     finally:
         distributed.stop()

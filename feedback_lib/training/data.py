@@ -24,7 +24,12 @@ from pathlib import Path
 
 import torch
 
-from feedback_lib.checks import check_positive_int
+from feedback_lib.checks import (
+    check_nonnegative_int,
+    check_positive_int,
+    is_integer,
+    is_integer_dtype,
+)
 
 #: The canonical public copy of Tiny Shakespeare (Karpathy's char-rnn
 # repository).
@@ -168,14 +173,19 @@ class CharTokenizer:
     """
 
     def __init__(self, chars: str):
-        if not isinstance(chars, str) or not chars:
+        if not isinstance(chars, str):
+            raise TypeError(
+                f"chars must be a str, got {type(chars).__name__} (or use "
+                "CharTokenizer.fit(text))"
+            )
+        if not chars:
             raise ValueError(
-                "CharTokenizer needs a non-empty string of characters (or "
-                "use CharTokenizer.fit(text))"
+                "chars must be a non-empty string of characters (or use "
+                "CharTokenizer.fit(text))"
             )
         if len(set(chars)) != len(chars):
             raise ValueError(
-                "the characters of a CharTokenizer must be distinct"
+                f"chars must be distinct characters, got {chars!r}"
             )
         self.chars = chars
         self.ids = {c: i for i, c in enumerate(chars)}
@@ -193,6 +203,11 @@ class CharTokenizer:
 
     def encode(self, text: str) -> torch.Tensor:
         """Token ids ``[len(text)]`` (int64)."""
+        if not isinstance(text, str):
+            raise TypeError(
+                f"text must be a str, got {type(text).__name__} (decode "
+                "bytes first, e.g. data.decode('utf-8'))"
+            )
         try:
             return torch.tensor(
                 [self.ids[c] for c in text], dtype=torch.long
@@ -204,8 +219,22 @@ class CharTokenizer:
             ) from None
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
-        """The text of a 1-D sequence of ids."""
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        """The text of a 1-D sequence of integer ids (a tensor or a
+        list)."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1 or not is_integer_dtype(ids.dtype):
+                raise TypeError(
+                    "ids must be a 1-D tensor of integer token ids, got "
+                    f"{ids.dtype} of shape {list(ids.shape)}"
+                )
+            ids = ids.tolist()
+        ids = list(ids)
+        if not all(is_integer(i) for i in ids):
+            bad = next(i for i in ids if not is_integer(i))
+            raise TypeError(
+                f"ids must be integer token ids, got {bad!r} of type "
+                f"{type(bad).__name__}"
+            )
         if any(not 0 <= i < self.n_vocab for i in ids):
             raise ValueError(
                 f"token ids must be in [0, {self.n_vocab}), got "
@@ -243,9 +272,30 @@ class BatchSampler:
     ids: torch.Tensor
     seed: int = 0
 
+    def __post_init__(self):
+        if (
+            not isinstance(self.ids, torch.Tensor)
+            or self.ids.dim() != 1
+            or not is_integer_dtype(self.ids.dtype)
+        ):
+            got = (
+                f"{self.ids.dtype} of shape {list(self.ids.shape)}"
+                if isinstance(self.ids, torch.Tensor)
+                else type(self.ids).__name__
+            )
+            raise TypeError(
+                f"ids must be a 1-D tensor of integer token ids [n], got "
+                f"{got}"
+            )
+        # A Python int: NumPy's would overflow in the seed arithmetic.
+        object.__setattr__(
+            self, "seed", check_nonnegative_int("seed", self.seed)
+        )
+
     def batch(
         self, step: int, batch: int, seq_len: int, rows: slice = slice(None)
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        step = check_nonnegative_int("step", step)
         check_positive_int("batch", batch)
         check_positive_int("seq_len", seq_len)
         if len(self.ids) < seq_len + 1:
@@ -253,8 +303,9 @@ class BatchSampler:
                 f"seq_len={seq_len} needs at least {seq_len + 1} tokens, "
                 f"the data has {len(self.ids)}"
             )
+        # Any seed and step give a valid torch seed (< 2**64).
         generator = torch.Generator().manual_seed(
-            self.seed * 1_000_003 + step
+            (self.seed * 1_000_003 + step) % 2**64
         )
         starts = torch.randint(
             len(self.ids) - seq_len, (batch,), generator=generator
@@ -269,6 +320,7 @@ class BatchSampler:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``count`` evenly spaced windows ``[count, seq_len]`` (the fixed
         validation set)."""
+        check_positive_int("seq_len", seq_len)
         check_positive_int("count", count)
         last = len(self.ids) - seq_len - 1
         if last < 0:

@@ -54,20 +54,42 @@ class Distributed:
         dist.all_reduce(value)
         return value / self.world_size
 
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` is True in some process (itself when not
+        distributed), so that all processes take the same decision;
+        ``device`` is the run's (NCCL reduces CUDA tensors, gloo CPU
+        ones)."""
+        if not self.enabled:
+            return flag
+        on = device if device.type == "cuda" else "cpu"
+        value = torch.tensor(float(flag), device=on)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+
+def launched() -> Distributed:
+    """This process's place as torchrun's environment variables give it
+    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), without joining the
+    process group; not distributed without them."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    return Distributed(
+        int(os.environ["RANK"]),
+        world_size,
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
 
 def start(device: torch.device) -> tuple[Distributed, torch.device]:
     """Join the process group when launched by torchrun; returns this
     process's place and device. On CUDA each process uses GPU ``LOCAL_RANK``
     (an explicit ``cuda:N`` only names the device type)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Distributed(), device
-    rank, local_rank = (
-        int(os.environ["RANK"]),
-        int(os.environ.get("LOCAL_RANK", "0")),
-    )
+    place = launched()
+    if not place.enabled:
+        return place, device
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", place.local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise ValueError(
@@ -76,7 +98,7 @@ def start(device: torch.device) -> tuple[Distributed, torch.device]:
         )
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world_size, local_rank), device
+    return place, device
 
 
 def stop() -> None:
