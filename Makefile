@@ -47,7 +47,7 @@ test-lib: setup
 
 lint: setup
 	$(BIN)/ruff check feedback_lib tests scripts
-	$(BIN)/ruff format --check feedback_lib tests scripts
+	$(BIN)/ruff format --check feedback_lib tests scripts $(CHAPTERS)
 
 # The browser test (tests/browser) drives Debian's Chromium with its ChromeDriver. Installed here when
 # missing and apt-get can (as root, as in CI); elsewhere install them yourself or point CHROMIUM and

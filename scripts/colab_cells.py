@@ -39,10 +39,13 @@ def install_cell_source(url: str, branch: str) -> str:
     return (
         "# In Colab, install feedback_lib from the book's repository "
         "(elsewhere: see the README).\nimport subprocess\nimport sys\n\n"
+        f'BOOK = "git+{url}@{branch}"\n'
         'if "google.colab" in sys.modules:\n'
-        # The cell exactly as stored in every chapter:
-        '    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",\n'  # noqa: E501
-        f'                    "feedback_lib[book] @ git+{url}@{branch}"], check=True)'  # noqa: E501
+        '    package = f"feedback_lib[book] @ {BOOK}"\n'
+        "    subprocess.run(\n"
+        '        [sys.executable, "-m", "pip", "install", "--quiet", '
+        "package], check=True\n"
+        "    )"
     )
 
 

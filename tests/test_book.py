@@ -102,6 +102,20 @@ def test_chapter_layout(path):
     )
 
 
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_code_lines_fit_the_website(path):
+    """No code line, comment or string of a chapter is longer than 88 characters (book/ruff.toml):
+    longer ones scroll sideways on the website."""
+    long = [
+        line
+        for cell in load(path)["cells"]
+        if cell["cell_type"] == "code"
+        for line in "".join(cell["source"]).splitlines()
+        if len(line) > 88
+    ]
+    assert not long, f"{path.name}: {len(long)} code lines over 88 characters, e.g. {long[0]!r}"
+
+
 def test_references_bib_has_the_cited_works():
     bib = (ROOT / "references.bib").read_text()
     keys = set(re.findall(r"@\w+\{([^,]+),", bib))

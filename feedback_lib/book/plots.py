@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from feedback_lib.book.information_flow import KINDS, ancestors, flow_edges
-from feedback_lib.checks import check_positive_int
+from feedback_lib.checks import check_positive_int, is_integer
 
 #: Colours of the four score terms and their sum (chapter 2).
 TERM_COLORS = {
@@ -621,11 +621,7 @@ def plot_cross_attention(
             f"{tuple(maps.shape)}"
         )
     n_layers, n_batch, heads, seq, context_len = maps.shape
-    if (
-        isinstance(batch, bool)
-        or not isinstance(batch, int)
-        or not 0 <= batch < n_batch
-    ):
+    if not is_integer(batch) or not 0 <= batch < n_batch:
         raise ValueError(
             f"batch must be an index in 0..{n_batch - 1}, got {batch!r}"
         )

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from feedback_lib.checks import check_nonnegative_int
+
 
 def randomize_parameters_(
     module: torch.nn.Module, seed: int = 0, std: float = 0.3
@@ -24,10 +26,7 @@ def randomize_parameters_(
         raise TypeError(
             f"module must be a torch.nn.Module, got {type(module).__name__}"
         )
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(
-            f"seed must be a non-negative integer, got {seed!r}"
-        )
+    seed = check_nonnegative_int("seed", seed)
     if (
         isinstance(std, bool)
         or not isinstance(std, (int, float))
