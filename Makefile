@@ -5,7 +5,8 @@
 #               Chromium (what CI runs: .ci/run)
 # For maintainers: `make test-lib` runs the library's tests alone (a few minutes, slow tests
 # skipped), `make lint` the style checks, `make notebooks` re-executes every chapter in full mode
-# and stores the outputs.
+# and stores the outputs, `make experiments` runs (or resumes) chapter 10's five-seed experiments
+# and writes book/results/state_tracking.json.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,7 +15,7 @@ CHAPTERS := $(wildcard book/*.ipynb)
 SHAKESPEARE := $(abspath ../shared/data/tinyshakespeare.txt)
 export FEEDBACK_LIB_SHAKESPEARE ?= $(if $(wildcard $(SHAKESPEARE)),$(SHAKESPEARE))
 
-.PHONY: setup book test test-lib lint browser notebooks clean
+.PHONY: setup book test test-lib lint browser notebooks experiments clean
 
 setup: $(VENV)/.installed
 
@@ -67,6 +68,14 @@ browser:
 
 notebooks: setup
 	cd book && for nb in $(notdir $(CHAPTERS)); do ../$(BIN)/jupyter execute --inplace --timeout=3600 $$nb || exit 1; done
+
+# Two processes of one thread each: 114 CPU minutes in all, an hour on 2 cores; interrupted runs
+# resume.
+experiments: setup
+	$(BIN)/python -m feedback_lib.tasks.experiments --seeds 5 --arms feedback transformer & first=$$!; \
+	$(BIN)/python -m feedback_lib.tasks.experiments --seeds 5 --arms transformer-2x; second=$$?; \
+	wait $$first && [ $$second = 0 ]
+	$(BIN)/python -m feedback_lib.tasks.experiments --seeds 5
 
 clean:
 	rm -rf _build $(VENV) .pytest_cache

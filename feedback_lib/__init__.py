@@ -12,13 +12,15 @@ The tree shows the architecture:
   branch, where it computes exactly what the readable loop computes;
 * ``reference``: from-scratch versions to check against (numpy attention,
   the naive stack);
-* ``baselines``: the parallel Transformer with its key/value cache, and
-  the parallel twin of the warm start;
+* ``baselines``: the parallel Transformer with its key/value cache, the
+  parallel twin of the warm start, and the span-limited Transformer of
+  the paper's algorithmic task;
 * ``decoding``: one decoder protocol and one ``generate`` for every model;
 * ``training``: the training loop, the command line (``python -m
   feedback_lib.training``), data, schedules, devices, checkpoints;
-* ``tasks``: the code-execution task (chapter 10), sequence reversal
-  (chapter 11);
+* ``tasks``: recall beyond the attention span and the paper's
+  algorithmic task with their multi-seed runs (chapter 10), sequence
+  reversal (chapter 11);
 * ``book``: the chapters' helpers: figures, widgets, showing source, the
   information-flow graphs, the fast mode, random parameters;
 * ``bench``: ``python -m feedback_lib.bench``, speed and memory;
@@ -40,6 +42,7 @@ book's extras (``pip install "feedback_lib[book]"``).
 """
 
 from feedback_lib.baselines.parallel import ParallelLM
+from feedback_lib.baselines.span import SpanTransformerLM
 from feedback_lib.baselines.twin import ParallelTwinLM
 from feedback_lib.book.fast_mode import FAST_ENV, by_mode, fast_mode
 from feedback_lib.book.information_flow import (
@@ -91,6 +94,7 @@ __all__ = [
     "ParallelLM",
     "ParallelTwinLM",
     "SharedGradient",
+    "SpanTransformerLM",
     "Stack",
     "StackFunction",
     "ancestors",

@@ -49,6 +49,7 @@ from feedback_lib.checks import check_heads, check_positive_int
 from feedback_lib.decoding import Decoder, RereadingDecoder, generate_from
 from feedback_lib.fast import native
 from feedback_lib.model.lm import FeedbackLM
+from feedback_lib.training.checkpoint import atomic_write
 
 #: The implementation the ratios are relative to.
 REFERENCE = "feedback_lib KV"
@@ -712,12 +713,9 @@ def _json_path(text: str) -> str:
 
 
 def write_json(path: str, report: dict) -> None:
-    """Write ``report`` to ``path`` in one piece: a reader never sees half
-    of it, and a failure leaves an older file as it was."""
-    partial = Path(path).with_name(Path(path).name + ".partial")
-    with open(partial, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(partial, path)
+    """Write ``report`` to ``path`` in one piece (a reader never sees half
+    of it; a failure leaves an older file as it was)."""
+    atomic_write(path, lambda f: json.dump(report, f, indent=1), text=True)
 
 
 def main(argv: list[str] | None = None) -> None:

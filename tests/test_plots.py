@@ -161,18 +161,32 @@ def test_accuracy_figure():
     fig = plots.plot_accuracy(
         {"feedback": {5: 0.9, 2: 1.0}, "parallel": {2: 0.8, 5: 0.5}},
         xlabel="statements",
-        chance={2: 0.2, 5: 0.1},
+        chance=0.1,
     )
     lines = fig.axes[0].get_lines()
-    assert [line.get_label() for line in lines] == ["feedback", "parallel", "most frequent value"]
+    assert [line.get_label() for line in lines] == ["feedback", "parallel", "guessing"]
     np.testing.assert_allclose(lines[0].get_xdata(), [2, 5])  # sorted by x
     np.testing.assert_allclose(lines[0].get_ydata(), [100, 90])  # in percent
     np.testing.assert_allclose(fig.axes[0].get_xticks(), [2, 5])  # a tick at each measured x
-    assert (
-        len(plots.plot_accuracy({"a": {1: 0.5}}, xlabel="step", chance=0.1).axes[0].get_lines())
-        == 2
-    )
+    assert not fig.axes[0].collections  # one value per x: no band
     with pytest.raises(ValueError, match="must lie in"):
         plots.plot_accuracy({"a": {1: 50}}, xlabel="step")
+    with pytest.raises(ValueError, match="must lie in"):
+        plots.plot_accuracy({"a": {1: []}}, xlabel="step")
     with pytest.raises(ValueError, match="non-empty"):
         plots.plot_accuracy({"a": {}}, xlabel="step")
+
+
+def test_accuracy_figure_of_seeds_draws_mean_band_and_marks():
+    fig = plots.plot_accuracy(
+        {"feedback": {1: [1.0, 0.8], 2: [0.6, 0.4]}},
+        xlabel="distance",
+        marks={"2 layers x span": 1.5},
+    )
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [90, 50])  # the mean
+    (band,) = ax.collections  # lowest to highest seed
+    assert band.get_paths()[0].vertices[:, 1].min() == pytest.approx(40)
+    assert band.get_paths()[0].vertices[:, 1].max() == pytest.approx(100)
+    assert np.allclose(ax.get_lines()[1].get_xdata(), [1.5, 1.5])  # the mark
+    assert [t.get_text() for t in ax.texts] == ["2 layers x span"]

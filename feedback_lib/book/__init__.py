@@ -1,7 +1,8 @@
 """The chapters' helpers: figures (``plots``) and controls (``widgets``),
 which need the book's extras; showing the library's source (``display``);
 the information-flow graphs (``information_flow``); the fast mode
-(``fast_mode``) and random parameters (``randomize``)."""
+(``fast_mode``), random parameters (``randomize``) and stored results
+(``stored``)."""
 
 from feedback_lib.lazy import submodules
 

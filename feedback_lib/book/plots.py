@@ -660,58 +660,79 @@ def plot_cross_attention(
 
 
 def plot_accuracy(
-    results: dict[str, dict[int, float]],
+    results: dict[str, dict[int, float | list[float]]],
     *,
     xlabel: str,
-    chance: float | dict[int, float] | None = None,
+    ylabel: str = "printed values predicted (%)",
+    chance: float | None = None,
+    marks: dict[str, float] | None = None,
 ) -> Figure:
     """Accuracy (0 to 1) of several models against an integer ``x`` (chapter
-    10): training steps, program length or updates to track.
+    10): training steps or the distance to what must be recalled.
 
-    ``results`` maps a model's name to ``{x: accuracy}``; ``chance`` draws
-    the floor of always answering the most frequent value, one number or one
-    per ``x``, as a dashed grey line.
+    ``results`` maps a model's name to ``{x: accuracy}``, or to ``{x:
+    [accuracy of each seed]}``: then the line is the mean over the seeds
+    and a band spans the lowest to the highest. ``chance`` draws the
+    accuracy of guessing as a dashed grey line; ``marks`` draws a dotted
+    vertical line at each ``x`` it maps a label to.
     """
     if not results or any(not points for points in results.values()):
         raise ValueError(
             "results must map each model's name to a non-empty {x: "
             "accuracy} dict"
         )
-    for name, points in results.items():
-        bad = {x: a for x, a in points.items() if not 0 <= a <= 1}
+    seeds = {
+        name: {
+            x: a if isinstance(a, (list, tuple)) else [a]
+            for x, a in points.items()
+        }
+        for name, points in results.items()
+    }
+    for name, points in seeds.items():
+        bad = {x: a for x, a in points.items() if not a}
+        bad.update(
+            {
+                x: a
+                for x, a in points.items()
+                if any(not 0 <= v <= 1 for v in a)
+            }
+        )
         if bad:
             raise ValueError(
                 f"accuracies of {name!r} must lie in [0, 1], got {bad}"
             )
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for name, points in results.items():
+    for name, points in seeds.items():
         xs = sorted(points)
-        ax.plot(xs, [100 * points[x] for x in xs], marker="o", label=name)
+        mean = [100 * sum(points[x]) / len(points[x]) for x in xs]
+        (line,) = ax.plot(xs, mean, marker="o", ms=3, label=name)
+        if any(len(points[x]) > 1 for x in xs):
+            low = [100 * min(points[x]) for x in xs]
+            high = [100 * max(points[x]) for x in xs]
+            ax.fill_between(
+                xs, low, high, color=line.get_color(), alpha=0.2
+            )
     if chance is not None:
-        if isinstance(chance, dict):
-            xs = sorted(chance)
-            ax.plot(
-                xs,
-                [100 * chance[x] for x in xs],
-                "--",
-                color="grey",
-                label="most frequent value",
-            )
-        else:
-            ax.axhline(
-                100 * chance,
-                ls="--",
-                color="grey",
-                label="most frequent value",
-            )
-    xs = sorted({x for points in results.values() for x in points})
+        ax.axhline(100 * chance, ls="--", color="grey", label="guessing")
+    for label, x in (marks or {}).items():
+        ax.axvline(x, ls=":", color="black")
+        ax.annotate(
+            label,
+            (x, 50),
+            xytext=(4, 0),
+            textcoords="offset points",
+            rotation=90,
+            va="center",
+            fontsize=9,
+        )
+    xs = sorted({x for points in seeds.values() for x in points})
     if len(xs) <= 8:
         ax.set_xticks(xs)  # a tick at every measured x
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(0, 102)  # room for the markers at 100 %
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("printed values predicted (%)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

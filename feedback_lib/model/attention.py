@@ -53,7 +53,11 @@ class FeedbackAttention(nn.Module):
 
     scales by ``1/sqrt(d_k)``, takes a softmax over the memory and sums
     the values. The learned bias ``S_j`` (``key_pos_bias``) stands for
-    the fourth term of the expansion, ``{U^Q}^T U^K_j``.
+    the fourth term of the expansion, ``{U^Q}^T U^K_j``. This is labml's
+    form (``positions="labml"``). The paper's authors score
+    ``Q^T K_j + Q^T U^K_j`` with one ``U^K`` table for all heads
+    (``positions="paper"``): the same lines with ``U^Q = 0``, ``S = 0``
+    and ``U^K`` shared by the heads (chapter 2).
 
     Args:
         heads: attention heads; must divide ``d_model``.
@@ -63,6 +67,11 @@ class FeedbackAttention(nn.Module):
             split into heads, ``[seq_len, batch, heads, d_k]``, and the
             module has no key/value projections (shared keys and values,
             chapter 7).
+        positions: ``"labml"`` (default; labml's parameters and
+            state_dict) or ``"paper"`` (the authors' ``q.k + q.p``: a
+            ``U^K`` table ``[P, 1, d_k]`` shared by the heads,
+            initialised from a standard normal as in their code; ``U^Q``
+            and ``S`` are zero buffers, not parameters).
 
     Shapes: ``query [batch, d_model]``, ``key``/``value [seq_len, batch,
     d_model]``, output ``[batch, d_model]``. Entry 0 of the memory is the
@@ -77,15 +86,18 @@ class FeedbackAttention(nn.Module):
         dropout_prob: float = 0.1,
         *,
         is_kv_precomputed: bool = False,
+        positions: str = "labml",
     ):
         d_k = check_heads(heads, d_model)
         check_probability("dropout_prob", dropout_prob)
         check_bool("is_kv_precomputed", is_kv_precomputed)
+        check_positions(positions)
         super().__init__()
         self.d_k = d_k
         self.heads = heads
         self.d_model = d_model
         self.is_kv_precomputed = is_kv_precomputed
+        self.positions = positions
         # Created in labml's order: the same seed gives the same weights.
         self.query = HeadProjection(d_model, heads, d_k, bias=False)
         if is_kv_precomputed:
@@ -98,19 +110,30 @@ class FeedbackAttention(nn.Module):
         self.dropout = nn.Dropout(dropout_prob)
         self.scale = 1 / math.sqrt(d_k)
         self.P = MAX_POSITIONS
-        # U^K_j, one row per distance: row P - 1 is the newest entry.
-        shape = (self.P, heads, d_k)
-        self.key_pos_embeddings = nn.Parameter(torch.zeros(shape))
-        # S_j, the learned bias that replaces U^Q . U^K_j.
-        self.key_pos_bias = nn.Parameter(torch.zeros((self.P, heads)))
-        # U^Q: the query's position term, the same at every step.
-        self.query_pos_bias = nn.Parameter(torch.zeros((heads, d_k)))
+        if positions == "labml":
+            # U^K_j, one row per distance: row P - 1 is the newest entry.
+            shape = (self.P, heads, d_k)
+            self.key_pos_embeddings = nn.Parameter(torch.zeros(shape))
+            # S_j, the learned bias that replaces U^Q . U^K_j.
+            self.key_pos_bias = nn.Parameter(torch.zeros((self.P, heads)))
+            # U^Q: the query's position term, the same at every step.
+            self.query_pos_bias = nn.Parameter(torch.zeros((heads, d_k)))
+        else:  # the paper's q.k + q.p_j: one U^K for all heads
+            table = torch.randn((self.P, 1, d_k))
+            self.key_pos_embeddings = nn.Parameter(table)
+            zeros = torch.zeros  # no S_j and no U^Q: zero buffers
+            for name, shape in (
+                ("key_pos_bias", (self.P, heads)),
+                ("query_pos_bias", (heads, d_k)),
+            ):
+                self.register_buffer(name, zeros(shape), persistent=False)
 
     def position_tables(self, length: int) -> PositionTables:
         """``U^K`` and ``S`` of the last ``length`` distances (chapter 2);
         the transformer cuts them once per call for all its steps."""
+        emb = self.key_pos_embeddings  # [P, heads or 1, d_k]
         return position_tables(
-            self.key_pos_embeddings, self.key_pos_bias, length
+            emb.expand(-1, self.heads, -1), self.key_pos_bias, length
         )
 
     def get_scores(
@@ -190,6 +213,20 @@ class FeedbackAttention(nn.Module):
             ("value", value),
         ):
             check_like(name, tensor, self.output.weight)
+
+
+#: The forms of the position scores (chapter 2): labml's ``A+B+C+S_j``
+#: and the paper authors' ``q.k + q.p_j``.
+POSITION_FORMS = ("labml", "paper")
+
+
+def check_positions(positions: object) -> str:
+    """Return ``positions`` if it names a form of :data:`POSITION_FORMS`."""
+    if not isinstance(positions, str) or positions not in POSITION_FORMS:
+        raise ValueError(
+            f"positions must be one of {POSITION_FORMS}, got {positions!r}"
+        )
+    return positions
 
 
 @torch.no_grad()

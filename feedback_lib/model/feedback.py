@@ -448,7 +448,10 @@ def per_layer_copy(kv_model: FeedbackTransformerKV) -> FeedbackTransformer:
         )
     first = kv_model.layers[0]
     attn = FeedbackAttention(
-        kv_model.heads, kv_model.d_model, first.attn.dropout.p
+        kv_model.heads,
+        kv_model.d_model,
+        first.attn.dropout.p,
+        positions=first.attn.positions,
     )
     layer = FeedbackTransformerLayer(
         d_model=kv_model.d_model,

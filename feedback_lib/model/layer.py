@@ -16,6 +16,7 @@ from feedback_lib.model.cross_attention import (
     CrossAttention,
     PreparedContext,
 )
+from feedback_lib.model.feed_forward import FeedForward
 from feedback_lib.model.scores import PositionTables
 
 
@@ -124,3 +125,37 @@ def check_part(name: str, module: object, cls: type, d_model: int) -> None:
             f"{name} was built for d_model={module.d_model} but the layer "
             f"has d_model={d_model}"
         )
+
+
+def make_layer(
+    d_model: int,
+    heads: int,
+    d_ff: int,
+    dropout: float,
+    *,
+    is_kv_precomputed: bool = False,
+    positions: str = "labml",
+    cross_attention: bool = False,
+) -> FeedbackTransformerLayer:
+    """The layer of the library's models (``FeedbackLM``,
+    ``SpanTransformerLM``) from their sizes, its parts created in labml's
+    order (the cross-attention last), so that a seed gives labml's
+    weights."""
+    attn = FeedbackAttention(
+        heads,
+        d_model,
+        dropout,
+        is_kv_precomputed=is_kv_precomputed,
+        positions=positions,
+    )
+    feed_forward = FeedForward(d_model, d_ff, dropout)
+    cross_attn = None
+    if cross_attention:
+        cross_attn = CrossAttention(heads, d_model, dropout)
+    return FeedbackTransformerLayer(
+        d_model=d_model,
+        attn=attn,
+        feed_forward=feed_forward,
+        dropout_prob=dropout,
+        cross_attn=cross_attn,
+    )

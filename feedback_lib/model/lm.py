@@ -18,14 +18,11 @@ from feedback_lib.checks import (
     check_token_ids,
 )
 from feedback_lib.decoding import Decoder, GenerationMixin, eval_mode
-from feedback_lib.model.attention import FeedbackAttention
-from feedback_lib.model.cross_attention import CrossAttention
-from feedback_lib.model.feed_forward import FeedForward
 from feedback_lib.model.feedback import (
     FeedbackTransformer,
     FeedbackTransformerKV,
 )
-from feedback_lib.model.layer import FeedbackTransformerLayer
+from feedback_lib.model.layer import make_layer
 from feedback_lib.model.memory import FeedbackMemory
 from feedback_lib.model.scores import MAX_POSITIONS
 
@@ -46,7 +43,10 @@ class FeedbackLM(GenerationMixin, nn.Module):
             all layers (:class:`~feedback_lib.FeedbackTransformerKV`,
             chapter 7), else per layer (chapter 5).
         mem_len: attend to at most the last ``mem_len`` steps (None:
-            everything, up to 4096 steps).
+            everything, up to 4096 steps): the attention span.
+        positions: the position scores: labml's ``"labml"`` (default)
+            or the paper's ``"paper"`` (chapter 2,
+            :class:`~feedback_lib.FeedbackAttention`).
         cross_attention: every layer also reads an encoder's output
             (chapter 11); every call then takes a ``context``.
 
@@ -67,6 +67,7 @@ class FeedbackLM(GenerationMixin, nn.Module):
         shared_kv: bool = True,
         mem_len: int | None = None,
         cross_attention: bool = False,
+        positions: str = "labml",
     ):
         check_positive_int("n_vocab", n_vocab)
         check_probability("dropout", dropout)
@@ -83,20 +84,16 @@ class FeedbackLM(GenerationMixin, nn.Module):
             shared_kv=shared_kv,
             mem_len=mem_len,
             cross_attention=cross_attention,
+            positions=positions,
         )
-        attn = FeedbackAttention(
-            heads, d_model, dropout, is_kv_precomputed=shared_kv
-        )
-        feed_forward = FeedForward(d_model, d_ff, dropout)
-        cross_attn = None  # created last: labml's models keep their weights
-        if cross_attention:
-            cross_attn = CrossAttention(heads, d_model, dropout)
-        layer = FeedbackTransformerLayer(
-            d_model=d_model,
-            attn=attn,
-            feed_forward=feed_forward,
-            dropout_prob=dropout,
-            cross_attn=cross_attn,
+        layer = make_layer(
+            d_model,
+            heads,
+            d_ff,
+            dropout,
+            is_kv_precomputed=shared_kv,
+            positions=positions,
+            cross_attention=cross_attention,
         )
         if shared_kv:
             transformer = FeedbackTransformerKV(

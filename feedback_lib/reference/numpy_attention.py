@@ -38,7 +38,8 @@ def attention_weights_numpy(
     weights.update(
         W_o=arr(module.output.weight),
         b_o=arr(module.output.bias),
-        U_K=arr(module.key_pos_embeddings),
+        # [P, heads, d_k] (the paper's form keeps one table for all heads)
+        U_K=arr(module.key_pos_embeddings.expand(-1, module.heads, -1)),
         S=arr(module.key_pos_bias),
         U_Q=arr(module.query_pos_bias),
         heads=module.heads,

@@ -13,7 +13,9 @@ import re
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -44,23 +46,33 @@ STALE_SECONDS = 600
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same
-    directory, flushed to disk, then renamed over ``path``. A crash
-    mid-write leaves the previous checkpoint intact."""
+    """Write ``state`` to ``path`` atomically (:func:`atomic_write`): a
+    crash mid-write leaves the previous checkpoint intact."""
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise ValueError(
             f"a checkpoint needs the keys {list(CHECKPOINT_KEYS)}; missing "
             f"{missing}"
         )
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def atomic_write(
+    path: str | os.PathLike,
+    write: Callable[[IO], object],
+    text: bool = False,
+) -> Path:
+    """Call ``write`` on a temporary file in ``path``'s directory, flush
+    it to disk, then rename it over ``path``: a reader never sees half a
+    file, and a failure leaves the earlier file as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
         dir=path.parent, prefix=path.name + ".", suffix=".tmp"
     )
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+        with os.fdopen(fd, "w" if text else "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -38,12 +38,10 @@ import dataclasses
 import math
 import os
 import shlex
-import signal
 import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import FrameType
 
 import torch
 from torch import nn
@@ -87,6 +85,7 @@ from feedback_lib.training.loop import (
     to_device,
 )
 from feedback_lib.training.schedule import Curriculum
+from feedback_lib.training.signals import stop_on_signals
 
 MODEL_KINDS = ("feedback", "twin", "parallel")
 #: Fields of a TrainConfig that may change when a run resumes (they do not
@@ -966,65 +965,6 @@ def _check_sample(chars: int) -> None:
         )
 
 
-def _inside_save(frame: FrameType | None) -> bool:
-    """Whether the interrupted code is writing a checkpoint."""
-    while frame is not None:
-        if frame.f_code is save_checkpoint.__code__:
-            return True
-        frame = frame.f_back
-    return False
-
-
-@contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
-    """While inside, SIGINT (Ctrl-C) and SIGTERM set ``stop``, so that
-    :func:`train` ends after the step in progress; yields the list of
-    the signals received. Once ``stop`` is set a signal stops at once
-    (KeyboardInterrupt), except while a checkpoint is being written: the
-    write finishes first, so the checkpoint on disk is whole (torch.save
-    stopped midway would also end in an unrelated RuntimeError). Under
-    torchrun, which forwards a signal to every process, the processes
-    only stop after the step. Installed only in the main thread; the
-    previous handlers come back on exit."""
-    received: list[int] = []
-    place = distributed.launched()
-    single = not place.enabled
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        if not stop.is_set():
-            stop.set()
-            if place.is_main:
-                print(
-                    f"\n{signal.Signals(signum).name}: stopping after the "
-                    "step in progress"
-                    + (
-                        " (a second signal stops at once)" if single else ""
-                    ),
-                    file=sys.stderr,
-                    flush=True,
-                )
-        elif single and _inside_save(frame):
-            print(
-                "finishing the checkpoint being written first",
-                file=sys.stderr,
-                flush=True,
-            )
-        elif single:
-            raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, handler) for s in signals}
-    try:
-        yield received
-    finally:
-        for s, before in previous.items():
-            signal.signal(s, before)
-
-
 def _continue_with(argv: list[str]) -> str:
     """The command that resumes the run of ``argv``."""
     launcher = (
@@ -1087,7 +1027,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     try:
         _check_sample(sample_chars)
         config = TrainConfig(**args)
-        with _stop_on_signals(stop) as received:
+        with stop_on_signals(stop) as received:
             try:
                 result = train(config, stop=stop)
                 stop.set()  # from here on a signal stops at once

@@ -1,0 +1,39 @@
+"""Results that a chapter plots but does not compute: files under the
+book's ``results/`` folder, written by the experiment scripts (chapter
+10's ``python -m feedback_lib.tasks.experiments``).
+
+A chapter runs with ``book/`` as its working directory and finds them
+there; a notebook opened alone (in Colab) fetches the same file from the
+book's repository.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import urllib.request
+from pathlib import Path
+
+#: The book's repository and branch (``_config.yml``; a test keeps them
+#: equal).
+REPOSITORY = (
+    "https://github.com/feedback-transformer-book/feedback-transformer-book"
+)
+BRANCH = "main"
+
+
+def raw_url(path: str) -> str:
+    """The download address of ``path`` (from the repository's root)."""
+    owner_repo = REPOSITORY.removeprefix("https://github.com/")
+    return f"https://raw.githubusercontent.com/{owner_repo}/{BRANCH}/{path}"
+
+
+def stored_results(name: str, folder: str | Path = "results") -> dict:
+    """The JSON results file ``name``: ``folder/name`` when it exists
+    (the chapters' working directory is ``book/``), else downloaded from
+    ``book/results/name`` in the book's repository."""
+    local = Path(folder) / name
+    if not local.is_file():
+        local = Path(tempfile.gettempdir()) / name
+        urllib.request.urlretrieve(raw_url(f"book/results/{name}"), local)
+    return json.loads(local.read_text())
