@@ -180,3 +180,17 @@ def test_stored_results_come_from_the_books_folder_and_repository(tmp_path):
             assert seeds == [0, 1, 2, 3, 4], (task, arm)
     setups = {r["task"]: r["setup"] for r in results["runs"]}
     assert setups == {t: dataclasses.asdict(s) for t, s in experiments.SETUPS.items()}
+
+
+def test_a_setup_or_arm_that_cannot_work_is_refused_before_work():
+    setup = experiments.SETUPS["recall"]
+    for change, message in (
+        (dict(task="sorting"), "task must be"),
+        (dict(span=0), "span must be a positive integer"),
+        (dict(steps=2.5), "steps must be a positive integer"),
+        (dict(lr=-1.0), "lr must be a float > 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(setup, **change)
+    with pytest.raises(ValueError, match="arm must be one of"):
+        setup.build("rnn")

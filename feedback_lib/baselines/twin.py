@@ -1,10 +1,12 @@
 """The parallel twin of the feedback model, for the warm start (chapter 8).
 
-The paper speeds up training by first training an ordinary (parallel)
-transformer and then continuing as a feedback transformer from its
-weights. :class:`ParallelTwinLM` is that transformer, built from *the
-same modules* as :class:`~feedback_lib.FeedbackLM` with shared keys and
-values, so the copy is one to one:
+A warm start (labml.ai's notes attribute it to the paper) speeds up
+training by first training a parallel transformer and then continuing as
+a feedback transformer from its weights. :class:`ParallelTwinLM` is that
+transformer, built from *the same modules* as
+:class:`~feedback_lib.FeedbackLM` with shared keys and
+values, so the copy is one to one. It is an ablation, not a standard
+Transformer (that is :class:`~feedback_lib.ParallelLM`):
 
 * layer ``l`` at position ``t`` attends to positions ``s < t`` of **its own
   input** (the output of layer ``l - 1``), all positions at once, instead

@@ -70,6 +70,21 @@ class Setup:
     n_variables: int = 3
     segment: int = 32  # programs: tokens read per call
 
+    def __post_init__(self) -> None:
+        if self.task not in ("recall", "programs"):
+            raise ValueError(
+                f"task must be 'recall' or 'programs', got {self.task!r}"
+            )
+        for f in dataclasses.fields(self):
+            if f.type == "int":
+                check_positive_int(f.name, getattr(self, f.name))
+        if self.n_variables not in (3, 5):
+            raise ValueError(
+                f"n_variables must be 3 or 5, got {self.n_variables!r}"
+            )
+        if not (isinstance(self.lr, float) and self.lr > 0):
+            raise ValueError(f"lr must be a float > 0, got {self.lr!r}")
+
     @property
     def n_vocab(self) -> int:
         return (
@@ -78,6 +93,8 @@ class Setup:
 
     def build(self, arm: str) -> nn.Module:
         """The model of ``arm``; the same seed gives the same weights."""
+        if arm not in ARMS:
+            raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
         size = dict(d_model=self.d_model, heads=self.heads, d_ff=self.d_ff)
         if arm == "feedback":
             return FeedbackLM(

@@ -42,8 +42,8 @@ class Curriculum:
 
     ``Curriculum.parse("32:0.25,64:0.25,128:0.5")`` trains on 32-token
     sequences for the first quarter of the steps, 64 for the second and 128
-    for the rest. The fractions must add up to 1. The paper starts with
-    short sequences because they are cheaper per token; here each batch
+    for the rest. The fractions must add up to 1. Short sequences come
+    first because they are cheaper per token; here each batch
     keeps the same number of tokens (more, shorter rows), so a step costs
     less but sees as much text.
     """
