@@ -32,7 +32,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -45,11 +44,16 @@ import torch
 from torch import nn
 
 from feedback_lib.baselines.parallel import ParallelLM
-from feedback_lib.checks import check_heads, check_positive_int
+from feedback_lib.checks import (
+    check_heads,
+    check_positive_int,
+    positive_int_argument,
+)
 from feedback_lib.decoding import Decoder, RereadingDecoder, generate_from
 from feedback_lib.fast import native
 from feedback_lib.model.lm import FeedbackLM
 from feedback_lib.training.checkpoint import atomic_write
+from feedback_lib.training.devices import cpu_name
 
 #: The implementation the ratios are relative to.
 REFERENCE = "feedback_lib KV"
@@ -454,16 +458,7 @@ def measure(
 def machine() -> str:
     """The device and thread count, in words."""
     threads = torch.get_num_threads()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(
-                line.split(":", 1)[1].strip()
-                for line in f
-                if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     text = (
         f"CPU {cpu}, {threads} torch threads, torch {torch.__version__}, "
         f"fused loop: {native.status()}"
@@ -658,19 +653,6 @@ def time_scaling(
     return seconds
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer, got {text!r}"
-        )
-    return value
-
-
 def _device(text: str) -> str:
     """argparse type: ``cpu``, or ``cuda``/``cuda:N`` where CUDA is."""
     cuda = torch.cuda.device_count()
@@ -737,7 +719,7 @@ def main(argv: list[str] | None = None) -> None:
     ):
         parser.add_argument(
             "--" + name.replace("_", "-"),
-            type=_positive_int,
+            type=positive_int_argument,
             default=getattr(defaults, name),
         )
     parser.add_argument(
@@ -747,7 +729,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int_argument,
         default=None,
         help="torch.set_num_threads (default: torch's)",
     )
@@ -767,8 +749,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also measure the peak training memory of the naive stack, "
         "the Stack and the fused loop",
     )
-    parser.add_argument("--memory-seq-len", type=_positive_int, default=512)
-    parser.add_argument("--memory-batch", type=_positive_int, default=4)
+    parser.add_argument(
+        "--memory-seq-len", type=positive_int_argument, default=512
+    )
+    parser.add_argument(
+        "--memory-batch", type=positive_int_argument, default=4
+    )
     parser.add_argument(
         "--json",
         type=_json_path,

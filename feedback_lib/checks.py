@@ -8,6 +8,7 @@ message.
 
 from __future__ import annotations
 
+import argparse
 import numbers
 from collections.abc import Sequence
 
@@ -199,3 +200,13 @@ def check_token_ids(
         raise ValueError(
             f"{name} holds id {bad}, outside the vocabulary [0, {n_vocab})"
         )
+
+
+def positive_int_argument(text: str) -> int:
+    """argparse type: an integer >= 1, else a usage error."""
+    try:
+        return check_positive_int("the value", int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, got {text!r}"
+        ) from None

@@ -73,6 +73,7 @@ def test_each_part_imports_only_what_sits_below_it():
             "baselines",
             "training.loop",
             "training.checkpoint",
+            "training.devices",
             "training.signals",
             "tasks",
         },

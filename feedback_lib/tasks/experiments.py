@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import threading
 import time
@@ -31,10 +30,11 @@ import torch
 from torch import nn
 
 from feedback_lib.baselines.span import SpanTransformerLM
-from feedback_lib.checks import check_positive_int
+from feedback_lib.checks import check_positive_int, positive_int_argument
 from feedback_lib.model.lm import FeedbackLM
 from feedback_lib.tasks import programs, recall
 from feedback_lib.training.checkpoint import atomic_write, load_error
+from feedback_lib.training.devices import cpu_name
 from feedback_lib.training.loop import (
     StepReport,
     fit,
@@ -291,15 +291,7 @@ def collect(work_dir: str | os.PathLike, out: str | os.PathLike) -> dict:
 
 def machine() -> str:
     """The CPU model and how many cores this process may use."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {len(os.sched_getaffinity(0))} cores"
+    return f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -307,24 +299,15 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m feedback_lib.tasks.experiments",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--seeds", type=positive, default=5)
+    p.add_argument("--seeds", type=positive_int_argument, default=5)
     p.add_argument(
         "--tasks", nargs="+", choices=tuple(SETUPS), default=list(SETUPS)
     )
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--work-dir", default="runs/state_tracking")
     p.add_argument("--out", default=str(RESULTS / "state_tracking.json"))
-    p.add_argument("--threads", type=positive, default=1)
+    p.add_argument("--threads", type=positive_int_argument, default=1)
     return p
-
-
-def positive(text: str) -> int:
-    try:
-        return check_positive_int("the value", int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer, got {text!r}"
-        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
