@@ -102,6 +102,22 @@ def test_chapter_layout(path):
     )
 
 
+#: Control characters other than the newline: a TAB typed where ``\t`` was meant turns
+#: ``\text{model}`` into "ext{model}" on the page.
+CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
+
+
+@pytest.mark.parametrize(
+    "path", [*CHAPTERS, *sorted((ROOT / "book").glob("*.md"))], ids=lambda p: p.stem
+)
+def test_prose_holds_no_control_characters(path):
+    text = markdown(load(path)) if path.suffix == ".ipynb" else path.read_text()
+    found = [
+        (m.start(), text[max(0, m.start() - 20) : m.end() + 20]) for m in CONTROL.finditer(text)
+    ]
+    assert not found, f"{path.name}: control characters in the prose: {found[:3]}"
+
+
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
 def test_code_lines_fit_the_website(path):
     """No code line, comment or string of a chapter is longer than 88 characters (book/ruff.toml):

@@ -4,7 +4,8 @@ Each page is loaded once (:func:`visit`); the tests then check what the browser 
 the site's own MathJax with no TeX errors and no raw TeX left in the prose, every image loaded,
 nothing fetched from another host, no console errors, no widget placeholder, every internal link and
 anchor resolving, and a well-formed Colab link on every chapter. A screenshot of each page is kept in
-``_build/screenshots/``.
+``_build/screenshots/``. On a phone's viewport (375 CSS pixels), the menu button opens the chapter
+list on every page and the page-contents button shows the sections of every chapter.
 
 The site must be built first (``make book``; ``make test`` builds it before running this file).
 Chromium and ChromeDriver come from Debian's ``chromium`` and ``chromium-driver`` packages
@@ -289,3 +290,76 @@ def test_every_page_has_a_screenshot(driver, base_url, site):
         visit(page, driver, base_url)
     shots = {path.name for path in SCREENSHOTS.glob("*.png") if path.stat().st_size > 0}
     assert shots == {_screenshot_name(page) for page in PAGES}, shots
+
+
+#: A phone's viewport (CSS pixels), emulated through the DevTools protocol so that the page's
+#: ``<meta name="viewport">`` and its small-screen layout apply as on a real phone.
+PHONE = {"width": 375, "height": 812, "deviceScaleFactor": 2, "mobile": True}
+
+SIDEBAR = """
+const e = document.querySelector(arguments[0]);
+if (!e) return null;
+const r = e.getBoundingClientRect();
+const links = Array.from(e.querySelectorAll("a[href]")).filter(a => {
+  const b = a.getBoundingClientRect();
+  return b.width > 0 && b.height > 0 && b.left >= 0 && b.right <= window.innerWidth + 1;
+});
+return {on_screen: r.width > 0 && r.left >= 0 && r.right <= window.innerWidth + 1
+        && getComputedStyle(e).visibility !== "hidden", links: links.length};
+"""
+
+
+@pytest.fixture
+def phone(driver):
+    """The driver with a phone's viewport, restored to the desktop size afterwards."""
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", PHONE)
+    yield driver
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def _open_sidebar(driver, base_url: str, page: str, toggle: str, sidebar: str) -> tuple[dict, dict]:
+    """The sidebar's state before and after a tap on its toggle button."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(base_url + page)
+    WebDriverWait(driver, 10).until(
+        lambda d: d.execute_script("return document.readyState") == "complete"
+    )
+    before = driver.execute_script(SIDEBAR, sidebar)
+    driver.find_element(By.CSS_SELECTOR, toggle).click()
+    after = before
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the sidebar slides in
+        after = driver.execute_script(SIDEBAR, sidebar)
+        if after and after["on_screen"]:
+            break
+        time.sleep(0.1)
+    return before, after
+
+
+@pytest.mark.parametrize("page", [f"{name}.html" for name in DOCUMENTS])
+def test_menu_opens_the_chapter_list_on_a_phone(page, phone, base_url, site):
+    before, after = _open_sidebar(
+        phone, base_url, page, "button.primary-toggle", ".bd-sidebar-primary"
+    )
+    assert before is not None and not before["on_screen"], (
+        f"{page}: the chapter list is not hidden at first"
+    )
+    assert after["on_screen"], f"{page}: the menu button did not open the chapter list"
+    assert after["links"] >= len(DOCUMENTS) - 1, (
+        f"{page}: the opened menu shows {after['links']} links"
+    )
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_contents_button_opens_the_page_contents_on_a_phone(page, phone, base_url, site):
+    before, after = _open_sidebar(
+        phone, base_url, page, "button.secondary-toggle", ".bd-sidebar-secondary"
+    )
+    assert before is not None and not before["on_screen"], (
+        f"{page}: the page contents are not hidden at first"
+    )
+    assert after["on_screen"] and after["links"] > 0, (
+        f"{page}: the page-contents button did not show the page's sections"
+    )
