@@ -39,6 +39,11 @@ from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
 MATHJAX_PACKAGE = "sphinx-mathjax-offline"
+#: The site's own layout rules, served from _static/: a stylesheet, and
+#: the script that shows a table too wide for a phone row by row.
+SITE_STATIC = Path(__file__).parent / "site_static"
+LAYOUT_CSS = "book_layout.css"
+LAYOUT_JS = "book_layout.js"
 #: Where the student versions go, relative to the HTML output folder.
 STUDENT_DIR = "student"
 #: Code that moves a chapter's work to a GPU when there is one.
@@ -292,6 +297,8 @@ def _configure(app: Sphinx, config) -> None:
         *config.html_extra_path,
         str(mathjax_folder()),
     ]
+    # The layout rules of scripts/site_static/.
+    config.html_static_path = [*config.html_static_path, str(SITE_STATIC)]
     # pydata-sphinx-theme logs a console error on every page when the colour
     # mode is unset.
     config.html_context = {"default_mode": "auto", **config.html_context}
@@ -342,6 +349,8 @@ def setup(app: Sphinx) -> dict:
     # template name.
     app.connect("html-page-context", _drop_repeated_scripts, priority=100)
     app.connect("build-finished", _finish)
+    app.add_css_file(LAYOUT_CSS)
+    app.add_js_file(LAYOUT_JS)
     app.add_directive("execution-status", ExecutionStatus)
     app.add_directive("student-versions", StudentVersions)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -5,7 +5,10 @@ the site's own MathJax with no TeX errors and no raw TeX left in the prose, ever
 nothing fetched from another host, no console errors, no widget placeholder, every internal link and
 anchor resolving, and a well-formed Colab link on every chapter. A screenshot of each page is kept in
 ``_build/screenshots/``. On a phone's viewport (375 CSS pixels), the menu button opens the chapter
-list on every page and the page-contents button shows the sections of every chapter.
+list on every page and the page-contents button shows the sections of every chapter. At 1280 px and
+at 375 px nothing scrolls sideways: no code or output block, table or displayed equation, and not
+the page; at 1280 px a code cell's lines fit without wrapping (scripts/site_static holds the layout
+rules that make this so).
 
 The site must be built first (``make book``; ``make test`` builds it before running this file).
 Chromium and ChromeDriver come from Debian's ``chromium`` and ``chromium-driver`` packages
@@ -363,3 +366,60 @@ def test_contents_button_opens_the_page_contents_on_a_phone(page, phone, base_ur
     assert after["on_screen"] and after["links"] > 0, (
         f"{page}: the page-contents button did not show the page's sections"
     )
+
+
+#: What would make a reader scroll sideways, measured once MathJax has typeset the page: any box in
+#: the article that scrolls its content sideways (a code or output block, the container of a wide
+#: table, a displayed equation), and the page itself when it is wider than the window. With
+#: ``nowrap``, the code cells' own lines are measured unwrapped instead.
+OVERFLOW = """
+const [nowrap, done] = arguments;
+const scrolls = e => ["auto", "scroll"].includes(getComputedStyle(e).overflowX);
+const measure = () => {
+  const boxes = nowrap ? document.querySelectorAll("article .cell_input pre")
+                       : Array.from(document.querySelectorAll("article *")).filter(scrolls);
+  const wide = [];
+  boxes.forEach(e => {
+    if (e.getClientRects().length === 0) return;  // not displayed (a collapsed solution)
+    if (nowrap) e.style.whiteSpace = "pre";
+    if (e.scrollWidth > e.clientWidth + 1)
+      wide.push(`${e.scrollWidth} > ${e.clientWidth} px: ${e.textContent.trim().slice(0, 60)}`);
+    if (nowrap) e.style.whiteSpace = "";
+  });
+  const root = document.documentElement;
+  done({blocks: wide, page: root.scrollWidth, window: root.clientWidth});
+};
+const typeset = window.MathJax && MathJax.startup && MathJax.startup.promise;
+(typeset || Promise.resolve()).then(measure, measure);
+"""
+
+
+def _overflow(driver, base_url: str, page: str, *, nowrap: bool = False) -> dict:
+    driver.get(base_url + page)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and driver.execute_script(
+        "return document.readyState !== 'complete'"
+    ):
+        time.sleep(0.05)
+    return driver.execute_async_script(OVERFLOW, nowrap)
+
+
+@pytest.mark.parametrize("page", [f"{name}.html" for name in DOCUMENTS])
+def test_nothing_scrolls_sideways_on_a_laptop(page, driver, base_url, site):
+    seen = _overflow(driver, base_url, page)
+    assert not seen["blocks"], (
+        f"{page} at 1280 px: blocks that scroll sideways: {seen['blocks'][:3]}"
+    )
+    assert seen["page"] <= seen["window"], f"{page} at 1280 px: the page is {seen['page']} px wide"
+    # A code cell's lines (at most 88 characters, book/ruff.toml) fit without wrapping here.
+    wrapped = _overflow(driver, base_url, page, nowrap=True)["blocks"]
+    assert not wrapped, f"{page} at 1280 px: code lines that wrap: {wrapped[:3]}"
+
+
+@pytest.mark.parametrize("page", [f"{name}.html" for name in DOCUMENTS])
+def test_nothing_scrolls_sideways_on_a_phone(page, phone, base_url, site):
+    seen = _overflow(phone, base_url, page)
+    assert not seen["blocks"], (
+        f"{page} at 375 px: blocks that scroll sideways: {seen['blocks'][:3]}"
+    )
+    assert seen["page"] <= seen["window"], f"{page} at 375 px: the page is {seen['page']} px wide"

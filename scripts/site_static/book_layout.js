@@ -1,0 +1,25 @@
+// A table too wide for the screen (on a phone) is shown row by row, each cell under the heading
+// of its column, instead of scrolling sideways. scripts/book_site.py adds this file to every
+// page; book_layout.css draws the rows; tests/browser checks that no table scrolls at 375 px.
+(() => {
+  const stackWideTables = () => {
+    document.querySelectorAll("article table").forEach((table) => {
+      table.classList.remove("stacked");
+      const box = table.parentElement;
+      if (box.scrollWidth <= box.clientWidth + 1) return;
+      const headings = Array.from(table.querySelectorAll("thead th"), (th) => th.textContent.trim());
+      table.querySelectorAll("tbody tr").forEach((row) => {
+        Array.from(row.children).forEach((cell, i) => {
+          if (headings[i]) cell.dataset.label = headings[i];
+        });
+      });
+      table.classList.add("stacked");
+    });
+  };
+  // Measure once the equations are typeset: MathJax changes the widths of the cells.
+  window.addEventListener("load", () => {
+    const typeset = window.MathJax && MathJax.startup && MathJax.startup.promise;
+    (typeset || Promise.resolve()).then(stackWideTables, stackWideTables);
+  });
+  window.addEventListener("resize", stackWideTables);
+})();
