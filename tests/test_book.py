@@ -47,6 +47,24 @@ def test_every_chapter_is_in_the_toc_and_exists():
     assert len(CHAPTERS) >= 5
 
 
+def test_chapter_1_maps_every_chapter_in_the_toc_order():
+    """Chapter 1's "map of this book" links each numbered chapter of _toc.yml, in its order."""
+    text = markdown(load(ROOT / "book" / "01_why_feedback.ipynb"))
+    section = text.split("## The map of this book", 1)[1].split("\n## ", 1)[0]
+    items = re.findall(r"^(\d+)\. (.*)$", section, flags=re.MULTILINE)
+    linked = [re.search(r"\]\(([^)]+)\.ipynb\)", item) for _, item in items]
+    mapped = ["01_why_feedback"] + [link.group(1) for link in linked[1:] if link]
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    numbered = [
+        Path(entry["file"]).name
+        for part in toc["parts"]
+        for entry in part["chapters"]
+        if re.match(r"\d\d_", Path(entry["file"]).name)
+    ]
+    assert mapped == numbered, f"chapter 1's map {mapped} != _toc.yml's chapters {numbered}"
+    assert [int(n) for n, _ in items] == list(range(1, len(numbered) + 1))
+
+
 def test_config_pitfalls():
     assert CONFIG["repository"]["branch"] == "main"
     assert {"_build", ".pytest_cache", ".venv"} <= set(CONFIG["exclude_patterns"])

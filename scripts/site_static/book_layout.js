@@ -1,7 +1,8 @@
-// A table too wide for the screen (on a phone) is shown row by row, each cell under the heading
-// of its column, instead of scrolling sideways. scripts/book_site.py adds this file to every
-// page; book_layout.css draws the rows; tests/browser checks that no table scrolls at 375 px.
+// The book's layout at run time. scripts/book_site.py adds this file to every page;
+// tests/browser checks what it does.
 (() => {
+  // A table too wide for the screen (on a phone) is shown row by row, each cell under the
+  // heading of its column, instead of scrolling sideways (book_layout.css draws the rows).
   const stackWideTables = () => {
     document.querySelectorAll("article table").forEach((table) => {
       table.classList.remove("stacked");
@@ -22,4 +23,19 @@
     (typeset || Promise.resolve()).then(stackWideTables, stackWideTables);
   });
   window.addEventListener("resize", stackWideTables);
+
+  // A printed chapter shows its hidden code (the solutions to the exercises) open, as
+  // sphinx-togglebutton does for the prose solutions; the page closes them again afterwards.
+  window.addEventListener("beforeprint", () => {
+    document.querySelectorAll("article details:not([open])").forEach((details) => {
+      details.open = true;
+      details.dataset.openedForPrint = "true";
+    });
+  });
+  window.addEventListener("afterprint", () => {
+    document.querySelectorAll("article details[data-opened-for-print]").forEach((details) => {
+      details.open = false;
+      delete details.dataset.openedForPrint;
+    });
+  });
 })();

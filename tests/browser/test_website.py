@@ -2,13 +2,13 @@
 
 Each page is loaded once (:func:`visit`); the tests then check what the browser saw: math typeset by
 the site's own MathJax with no TeX errors and no raw TeX left in the prose, every image loaded,
-nothing fetched from another host, no console errors, no widget placeholder, every internal link and
-anchor resolving, and a well-formed Colab link on every chapter. A screenshot of each page is kept in
-``_build/screenshots/``. On a phone's viewport (375 CSS pixels), the menu button opens the chapter
-list on every page and the page-contents button shows the sections of every chapter. At 1280 px and
-at 375 px nothing scrolls sideways: no code or output block, table or displayed equation, and not
-the page; at 1280 px a code cell's lines fit without wrapping (scripts/site_static holds the layout
-rules that make this so).
+nothing fetched from another host, no console errors, no widget placeholder, each cell's printed
+lines in one block, every internal link and anchor resolving, and a well-formed Colab link on every
+chapter. A screenshot of each page is kept in ``_build/screenshots/``. On a phone's viewport (375
+CSS pixels), the menu button opens the chapter list on every page and the page-contents button shows
+the sections of every chapter. At 1280 px and at 375 px nothing scrolls sideways: no code or output
+block, table or displayed equation, and not the page; at 1280 px a code cell's lines fit without
+wrapping (scripts/site_static holds the layout rules that make this so).
 
 The site must be built first (``make book``; ``make test`` builds it before running this file).
 Chromium and ChromeDriver come from Debian's ``chromium`` and ``chromium-driver`` packages
@@ -149,6 +149,11 @@ const finish = () => {
       .map(e => e.src || e.href),
     links: Array.from(document.querySelectorAll("a[href]")).map(a => a.href),
     widgets: document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"], .jupyter-widgets').length,
+    // Per cell output: how many blocks each stream (stdout, stderr) was split into.
+    split_streams: Array.from(document.querySelectorAll(".cell_output")).flatMap(out => {
+      const blocks = Array.from(out.children).filter(e => e.matches(".output.stream"));
+      return blocks.length > 2 ? [`${blocks.length} blocks: ${blocks[0].textContent.slice(0, 60)}`] : [];
+    }),
     text: document.body.innerText,
   });
 };
@@ -237,6 +242,12 @@ def test_no_widget_placeholder(report):
         f"{report.page}: a widget view with no widget JavaScript to draw it"
     )
     assert "Loading widget" not in report.data["text"]
+
+
+def test_a_cell_prints_into_one_block(report):
+    # nb_merge_streams in _config.yml: a training log is one block, not one block per line.
+    split = report.data["split_streams"]
+    assert not split, f"{report.page}: a cell's printed lines split into blocks: {split[:3]}"
 
 
 class _Ids(HTMLParser):
@@ -423,3 +434,40 @@ def test_nothing_scrolls_sideways_on_a_phone(page, phone, base_url, site):
         f"{page} at 375 px: blocks that scroll sideways: {seen['blocks'][:3]}"
     )
     assert seen["page"] <= seen["window"], f"{page} at 375 px: the page is {seen['page']} px wide"
+
+
+#: What a printed chapter would hide or cut, once the browser's ``beforeprint`` event has run: the
+#: content of a closed ``details`` (a hidden code solution) or of a closed dropdown (a prose
+#: solution), and code or output blocks wider than the page.
+PRINTED = """
+window.dispatchEvent(new Event("beforeprint"));
+const visible = e => e.checkVisibility({visibilityProperty: true, contentVisibilityAuto: true});
+const hidden = [];
+document.querySelectorAll("article details, article .dropdown.admonition").forEach(box => {
+  const content = box.querySelector(":scope > :not(summary):not(.admonition-title)");
+  if (content && !visible(content)) hidden.push(box.textContent.trim().slice(0, 60));
+});
+const cut = Array.from(document.querySelectorAll("article pre"))
+  .filter(e => visible(e) && e.scrollWidth > e.clientWidth + 1)
+  .map(e => `${e.scrollWidth} > ${e.clientWidth} px: ${e.textContent.trim().slice(0, 60)}`);
+window.dispatchEvent(new Event("afterprint"));
+const reclosed = document.querySelectorAll("article details[open]").length;
+return {hidden, cut, reclosed};
+"""
+#: A printed A4 page, about 720 CSS pixels wide inside its margins.
+PRINT_PAGE = {"width": 720, "height": 1000, "deviceScaleFactor": 1, "mobile": False}
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_printing_shows_every_solution_and_cuts_no_code(page, driver, base_url, site):
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", PRINT_PAGE)
+    driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+    try:
+        _overflow(driver, base_url, page)  # load the page and wait for MathJax
+        printed = driver.execute_script(PRINTED)
+    finally:
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    assert not printed["hidden"], f"{page}: solutions that print closed: {printed['hidden'][:3]}"
+    assert not printed["cut"], f"{page}: code cut at the printed page's edge: {printed['cut'][:3]}"
+    assert printed["reclosed"] == 0, f"{page}: solutions left open after printing"
