@@ -1,4 +1,5 @@
-"""The attention score of feedback attention, defined once (chapter 2).
+"""The attention score of feedback attention, defined once (derived in
+chapter 2, read line by line in chapter 4).
 
 A step's query ``Q`` scores memory entry ``j`` of a memory of ``m``
 entries (``j = 0`` is the oldest; entry ``j`` lies ``m - j`` steps back):
