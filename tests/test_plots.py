@@ -96,17 +96,63 @@ def test_attention_maps_bad_input():
         fl.attention_maps(fl.FeedbackAttention(2, 8), torch.randn(3, 8))
 
 
+def test_attention_heads_figure():
+    maps = fl.attention_maps(fl.FeedbackAttention(3, 9, 0.0).eval(), torch.randn(5, 2, 9))
+    fig = plots.plot_attention_heads(maps, batch=1, labels=list("abcde"))
+    shown = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert [ax.get_title() for ax in shown] == ["head 0", "head 1", "head 2"]
+    assert [t.get_text() for t in shown[0].get_yticklabels()][:2] == ["0 a", "1 b"]
+    with pytest.raises(ValueError, match="sequence of 5 strings"):
+        plots.plot_attention_heads(maps, labels="abcde")
+    with pytest.raises(ValueError, match="batch in 0..1"):
+        plots.plot_attention_heads(maps, batch=2)
+
+
+def test_edited_head_changes_one_head_of_a_copy():
+    widgets = pytest.importorskip("feedback_lib.book.widgets")
+    attn = fl.randomize_parameters_(fl.FeedbackAttention(2, 8, 0.0)).double().eval()
+    before = {name: p.clone() for name, p in attn.state_dict().items()}
+    x, m = torch.randn(3, 8, dtype=torch.float64), torch.randn(6, 3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        scores = attn.get_scores(attn.query(x), attn.key(m))  # [6, 3, 2]
+        edited = widgets.edited_head(
+            attn, 1, content=0.0, recency=0.5, look_back=2, look_back_bias=3.0
+        )
+        edited_scores = edited.get_scores(edited.query(x), edited.key(m))
+    for name, p in attn.state_dict().items():  # the module itself is unchanged
+        torch.testing.assert_close(p, before[name])
+    torch.testing.assert_close(edited_scores[..., 0], scores[..., 0])
+    # head 1: content terms gone (K = 0), so B + D with S shifted by -0.5 k, +3 at k = 2
+    tables = attn.position_tables(6)
+    b_plus_d = torch.einsum("bd,dj->jb", attn.query(x)[:, 1], tables.key_pos_emb[1])
+    k = torch.arange(6, 0, -1, dtype=torch.float64)
+    expected = b_plus_d + (tables.key_pos_bias[1, 0] - 0.5 * k + 3.0 * (k == 2))[:, None]
+    torch.testing.assert_close(edited_scores[..., 1], expected)
+    with pytest.raises(ValueError, match="head must be in 0..1"):
+        widgets.edited_head(attn, 2)
+    with pytest.raises(ValueError, match="look_back must be a distance in 1..4096"):
+        widgets.edited_head(attn, 0, look_back=0)
+
+
 def test_attention_explorer():
     widgets = pytest.importorskip("feedback_lib.book.widgets")
-    maps = fl.attention_maps(fl.FeedbackAttention(2, 8, 0.0).eval(), torch.randn(5, 1, 8))
-    box = widgets.attention_explorer(maps, step=2, head=1)
+    attn = fl.FeedbackAttention(2, 8, 0.0).eval()
+    x_seq = torch.randn(5, 1, 8)
+    box = widgets.attention_explorer(attn, x_seq, step=2, head=1)
     step_slider, head_slider = box.children[0].children
     assert (step_slider.min, step_slider.max, head_slider.max) == (1, 4, 1)
     step_slider.value = 4  # redraws without error
-    box = widgets.attention_explorer(maps, step=1, head=0, labels=list("abcde"))
+    content, recency = box.children[1].children
+    look_back, by = box.children[2].children
+    assert (content.value, recency.value, look_back.max, by.value) == (1.0, 0.0, 4, 0.0)
+    recency.value = 1.0  # recomputes the maps from the edited parameters
+    by.value = 5.0
+    box = widgets.attention_explorer(attn, x_seq, step=1, head=0, labels=list("abcde"))
     box.children[0].children[1].value = 1
     with pytest.raises(ValueError, match="sequence of 5 strings"):
-        widgets.attention_explorer(maps, labels="abcde")
+        widgets.attention_explorer(attn, x_seq, labels="abcde")
+    with pytest.raises(ValueError, match="step in 1..4"):
+        widgets.attention_explorer(attn, x_seq, step=5)
 
 
 def test_layer_weights_figure():

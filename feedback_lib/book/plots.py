@@ -272,6 +272,18 @@ def check_maps(
     return maps
 
 
+def check_labels(labels: Sequence[str] | None, steps: int) -> None:
+    """Raise a clear error unless ``labels`` is None or one string per
+    step."""
+    if labels is not None and (
+        isinstance(labels, str) or len(labels) != steps
+    ):
+        raise ValueError(
+            f"labels must be a sequence of {steps} strings (one per step), "
+            f"got {labels!r}"
+        )
+
+
 def plot_attention_step(
     maps: torch.Tensor | np.ndarray,
     step: int,
@@ -292,13 +304,7 @@ def plot_attention_step(
     """
     maps = check_maps(maps, step, head, batch)
     steps = maps.shape[2]
-    if labels is not None and (
-        isinstance(labels, str) or len(labels) != steps
-    ):
-        raise ValueError(
-            f"labels must be a sequence of {steps} strings (one per step), "
-            f"got {labels!r}"
-        )
+    check_labels(labels, steps)
     grid = np.ma.masked_invalid(maps[batch, head])
     fig, (left, right) = plt.subplots(
         1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.3]}
@@ -321,7 +327,7 @@ def plot_attention_step(
     fig.colorbar(image, ax=left, fraction=0.046)
     row = maps[batch, head, step, :step]
     right.bar(np.arange(step), row, color="tab:blue")
-    right.set_xlim(-0.5, steps - 0.5)
+    right.set_xlim(-0.5, step - 0.5)  # only the entries in the memory
     right.set_ylim(0, 1)
     right.set_xlabel("memory entry j")
     right.set_ylabel("attention weight")
@@ -336,8 +342,57 @@ def plot_attention_step(
         ticks = [f"{i} {label}" for i, label in enumerate(labels)]
         left.set_xticks(range(steps), ticks, rotation=90)
         left.set_yticks(range(steps), ticks)
-        right.set_xticks(range(steps), ticks, rotation=90)
+        right.set_xticks(range(step), ticks[:step], rotation=90)
     fig.tight_layout()
+    return fig
+
+
+def plot_attention_heads(
+    maps: torch.Tensor | np.ndarray,
+    *,
+    batch: int = 0,
+    labels: Sequence[str] | None = None,
+) -> Figure:
+    """Every head's attention map side by side, two to a row
+    (chapter 4).
+
+    ``maps [batch, heads, steps, steps]`` from
+    :func:`~feedback_lib.attention_maps`, drawn as in
+    :func:`plot_attention_step` (row ``t`` is query step ``t``, grey where
+    no memory entry exists yet), for sequence ``batch``; ``labels`` (one
+    string per step) are added to the step numbers on the axes.
+    """
+    maps = check_maps(maps, 1, 0, batch)
+    heads, steps = maps.shape[1], maps.shape[2]
+    check_labels(labels, steps)
+    rows = (heads + 1) // 2
+    fig, axes = plt.subplots(
+        rows, 2, figsize=(7, 3.4 * rows), squeeze=False, sharex=True
+    )
+    ticks = (
+        [str(i) for i in range(steps)]
+        if labels is None
+        else [f"{i} {label}" for i, label in enumerate(labels)]
+    )
+    for head, ax in enumerate(axes.flat):
+        if head >= heads:
+            ax.set_visible(False)
+            continue
+        ax.set_facecolor("0.88")  # no memory entry there (j >= t)
+        image = ax.imshow(
+            np.ma.masked_invalid(maps[batch, head]),
+            cmap="viridis",
+            vmin=0,
+            vmax=1,
+        )
+        ax.set_title(f"head {head}")
+        ax.set_xticks(range(steps), ticks, rotation=90)
+        ax.set_yticks(range(steps), ticks)
+        if head % 2 == 0:
+            ax.set_ylabel("query step t")
+        if head >= heads - 2:
+            ax.set_xlabel("memory entry j")
+    fig.colorbar(image, ax=axes, fraction=0.03, label="attention weight")
     return fig
 
 
