@@ -151,6 +151,39 @@ def test_chunked_calls_with_a_context_equal_one_call(shared_kv):
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=1e-5, rtol=1e-5)
 
 
+@VARIANTS
+def test_the_decoder_projects_the_context_once(shared_kv, monkeypatch):
+    lm = make_cross_lm(shared_kv)
+    context, mask = context_and_mask()
+    prepare = fl.model.cross_attention.CrossAttention.prepare
+    calls = []
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(fl.model.cross_attention.CrossAttention, "prepare", counted)
+    lm.generate(torch.randint(0, N_VOCAB, (3, 2)), 6, 0, context=context, context_padding_mask=mask)
+    assert len(calls) == N_LAYERS  # once per layer for the whole generation, not per token
+
+
+def test_a_prepared_context_gives_the_same_logits_and_is_checked():
+    lm = make_cross_lm()
+    context, mask = context_and_mask()
+    tokens = torch.randint(0, N_VOCAB, (3, 4))
+    with torch.no_grad():
+        prepared = lm.transformer.prepare_context(context.transpose(0, 1), mask)
+        torch.testing.assert_close(
+            lm(tokens, context=prepared), lm(tokens, context=context, context_padding_mask=mask)
+        )
+    with pytest.raises(TypeError, match="tuple of 2 PreparedContext"):
+        lm(tokens, context=prepared[:1])
+    with pytest.raises(ValueError, match="context_padding_mask must be None"):
+        lm(tokens, context=prepared, context_padding_mask=mask)
+    with pytest.raises(ValueError, match="prepared context has batch 3, but the input has 2"):
+        lm(tokens[:2], context=prepared)
+
+
 def test_the_fused_loop_steps_aside_for_cross_attention():
     lm = make_cross_lm(shared_kv=True)
     assert fast.blocker(lm.transformer) == "the layers have cross-attention"

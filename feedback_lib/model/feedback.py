@@ -206,16 +206,20 @@ class FeedbackTransformer(nn.Module):
 
     def prepare_context(
         self,
-        context: torch.Tensor | None,
+        context: torch.Tensor | tuple[PreparedContext, ...] | None,
         context_padding_mask: torch.Tensor | None,
-    ) -> list[PreparedContext | None]:
-        """Every layer's projected context, once per call (chapter 11)."""
+    ) -> tuple[PreparedContext | None, ...]:
+        """Every layer's projected context, once per call (chapter 11). A
+        tuple that this method made is used as it is: a decoder prepares
+        its context once for all its calls."""
         if context is None:
-            return [None] * self.n_layers
-        return [
+            return (None,) * self.n_layers
+        if isinstance(context, tuple):
+            return context
+        return tuple(
             layer.cross_attn.prepare(context, context_padding_mask)
             for layer in self.layers
-        ]
+        )
 
     def result(
         self, out: torch.Tensor, stored: tuple, return_memory: bool
@@ -308,7 +312,11 @@ class FeedbackTransformer(nn.Module):
                 "context was given, but this model has no cross-attention "
                 "(build FeedbackLM with cross_attention=True)"
             )
-        if context is not None:
+        if isinstance(context, tuple):
+            self.check_prepared_context(
+                context, context_padding_mask, batch
+            )
+        elif context is not None:
             check_context(
                 context,
                 context_padding_mask,
@@ -321,6 +329,34 @@ class FeedbackTransformer(nn.Module):
         elif context_padding_mask is not None:
             raise ValueError(
                 "context_padding_mask was given without a context"
+            )
+
+    def check_prepared_context(
+        self,
+        contexts: tuple,
+        context_padding_mask: object,
+        batch: int,
+    ) -> None:
+        """Raise unless ``contexts`` is what :meth:`prepare_context` makes
+        for this model and ``batch`` rows: one :class:`PreparedContext`
+        per layer, its padding mask already inside."""
+        if len(contexts) != self.n_layers or not all(
+            isinstance(c, PreparedContext) for c in contexts
+        ):
+            raise TypeError(
+                "a prepared context must be the tuple of "
+                f"{self.n_layers} PreparedContext that this model's "
+                "prepare_context returns"
+            )
+        if context_padding_mask is not None:
+            raise ValueError(
+                "context_padding_mask must be None with a prepared context "
+                "(prepare_context has put the mask inside)"
+            )
+        if contexts[0].key.shape[1] != batch:
+            raise ValueError(
+                f"the prepared context has batch {contexts[0].key.shape[1]}"
+                f", but the input has {batch} rows"
             )
 
     def check_memory(self, memory: object, batch: int) -> None:

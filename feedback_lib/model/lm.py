@@ -147,18 +147,22 @@ class FeedbackLM(GenerationMixin, nn.Module):
 
     def time_major(
         self,
-        context: torch.Tensor | None,
+        context: torch.Tensor | tuple | None,
         mask: torch.Tensor | None,
         batch: int,
         input_name: str,
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor | tuple | None:
         """The batch-major ``context [batch, context_len, d_model]``,
         checked against an input of ``batch`` rows called ``input_name``,
-        as the transformer takes it: ``[context_len, batch, d_model]``."""
+        as the transformer takes it: ``[context_len, batch, d_model]``. A
+        tuple from ``transformer.prepare_context`` is time-major already
+        and passes through as it is."""
         self.transformer.check_context(
             context, mask, batch, input_name=input_name, batch_first=True
         )
-        return None if context is None else context.transpose(0, 1)
+        if context is None or isinstance(context, tuple):
+            return context  # a prepared context is time-major already
+        return context.transpose(0, 1)
 
     def decoder(
         self,
@@ -221,10 +225,18 @@ class FeedbackDecoder(Decoder):
                 f"model with mem_len <= {MAX_POSITIONS}"
             )
         self.lm = lm
-        self.context = lm.time_major(
+        context = lm.time_major(
             context, context_padding_mask, batch, "the decoder"
         )
-        self.context_padding_mask = context_padding_mask
+        # The context's keys and values, projected once for every call
+        # (chapter 11); the padding mask is inside.
+        self.context = None
+        if context is not None:
+            with torch.no_grad():
+                self.context = transformer.prepare_context(
+                    context, context_padding_mask
+                )
+        self.context_padding_mask = None
         self.memory: FeedbackMemory | None = None
         self.fused = None
         if fast.can_fuse(transformer):
