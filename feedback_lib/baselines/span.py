@@ -192,7 +192,7 @@ def span_scores(
     span: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The unscaled scores of every query of a segment over every key,
-    the same ``A_j`` as :func:`~feedback_lib.model.scores.relative_scores`
+    the same ``e_j`` as :func:`~feedback_lib.model.scores.relative_scores`
     computes for one query: ``query [seq, batch, heads, d_k]`` (the last
     ``seq`` of the ``n`` positions of ``key [n, batch, heads, d_k]``) ->
     ``(scores [batch, heads, seq, n], allowed [1, 1, seq, n])``, where

@@ -49,7 +49,7 @@ class FeedbackAttention(nn.Module):
     Each head scores memory entry ``j`` with relative positions (chapter
     2, :mod:`feedback_lib.model.scores`),
 
-    .. math:: A_j = Q^\top K_j + Q^\top U^K_j + {U^Q}^\top K_j + S_j,
+    .. math:: e_j = Q^\top K_j + Q^\top U^K_j + {U^Q}^\top K_j + S_j,
 
     scales by ``1/sqrt(d_k)``, takes a softmax over the memory and sums
     the values. The learned bias ``S_j`` (``key_pos_bias``) stands for
@@ -142,7 +142,7 @@ class FeedbackAttention(nn.Module):
         key: torch.Tensor,
         tables: PositionTables | None = None,
     ) -> torch.Tensor:
-        """Unscaled ``A_j`` of the projected ``query [batch, heads, d_k]``
+        """Unscaled ``e_j`` of the projected ``query [batch, heads, d_k]``
         over ``key [m, batch, heads, d_k]``: ``[m, batch, heads]``."""
         if tables is None:
             tables = self.position_tables(key.shape[0])

@@ -4,7 +4,7 @@ chapter 2, read line by line in chapter 4).
 A step's query ``Q`` scores memory entry ``j`` of a memory of ``m``
 entries (``j = 0`` is the oldest; entry ``j`` lies ``m - j`` steps back):
 
-    A_j = (Q + U^Q) . K_j + Q . U^K_(m-j) + S_(m-j)
+    e_j = (Q + U^Q) . K_j + Q . U^K_(m-j) + S_(m-j)
 
 ``A + C`` (content, and the query's position bias ``U^Q``) and ``B + D``
 (the position of the key: a learned vector ``U^K`` and bias ``S`` per
@@ -85,7 +85,7 @@ def relative_scores(
     query_pos_bias: torch.Tensor,
     tables: PositionTables,
 ) -> torch.Tensor:
-    """The unscaled scores ``A_j`` of one query over a memory of ``m``
+    """The unscaled scores ``e_j`` of one query over a memory of ``m``
     entries: ``query [batch, heads, d_k]``, ``key [m, batch, heads, d_k]``,
     ``tables`` of at least ``m`` distances -> ``[m, batch, heads]``."""
     positions = position_scores(query, tables.last(key.shape[0]))
