@@ -417,13 +417,17 @@ def _overflow(driver, base_url: str, page: str, *, nowrap: bool = False) -> dict
     return driver.execute_async_script(OVERFLOW, nowrap)
 
 
-@pytest.mark.parametrize("page", [f"{name}.html" for name in DOCUMENTS])
-def test_nothing_scrolls_sideways_on_a_laptop(page, driver, base_url, site):
+def _assert_nothing_scrolls(driver, base_url: str, page: str, width: str) -> None:
     seen = _overflow(driver, base_url, page)
     assert not seen["blocks"], (
-        f"{page} at 1280 px: blocks that scroll sideways: {seen['blocks'][:3]}"
+        f"{page} at {width}: blocks that scroll sideways: {seen['blocks'][:3]}"
     )
-    assert seen["page"] <= seen["window"], f"{page} at 1280 px: the page is {seen['page']} px wide"
+    assert seen["page"] <= seen["window"], f"{page} at {width}: the page is {seen['page']} px wide"
+
+
+@pytest.mark.parametrize("page", [f"{name}.html" for name in DOCUMENTS])
+def test_nothing_scrolls_sideways_on_a_laptop(page, driver, base_url, site):
+    _assert_nothing_scrolls(driver, base_url, page, "1280 px")
     # A code cell's lines (at most 88 characters, book/ruff.toml) fit without wrapping here.
     wrapped = _overflow(driver, base_url, page, nowrap=True)["blocks"]
     assert not wrapped, f"{page} at 1280 px: code lines that wrap: {wrapped[:3]}"
@@ -431,11 +435,7 @@ def test_nothing_scrolls_sideways_on_a_laptop(page, driver, base_url, site):
 
 @pytest.mark.parametrize("page", [f"{name}.html" for name in DOCUMENTS])
 def test_nothing_scrolls_sideways_on_a_phone(page, phone, base_url, site):
-    seen = _overflow(phone, base_url, page)
-    assert not seen["blocks"], (
-        f"{page} at 375 px: blocks that scroll sideways: {seen['blocks'][:3]}"
-    )
-    assert seen["page"] <= seen["window"], f"{page} at 375 px: the page is {seen['page']} px wide"
+    _assert_nothing_scrolls(phone, base_url, page, "375 px")
 
 
 #: What a printed chapter would hide or cut, once the browser's ``beforeprint`` event has run: the
