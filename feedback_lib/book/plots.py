@@ -272,16 +272,20 @@ def check_maps(
     return maps
 
 
-def check_labels(labels: Sequence[str] | None, steps: int) -> None:
-    """Raise a clear error unless ``labels`` is None or one string per
-    step."""
-    if labels is not None and (
-        isinstance(labels, str) or len(labels) != steps
-    ):
+def step_ticks(
+    labels: Sequence[str] | None, steps: int
+) -> list[str] | None:
+    """The tick labels ``"i label"`` of ``steps`` steps named by
+    ``labels`` (None without labels); raises a clear error unless
+    ``labels`` is None or one string per step."""
+    if labels is None:
+        return None
+    if isinstance(labels, str) or len(labels) != steps:
         raise ValueError(
             f"labels must be a sequence of {steps} strings (one per step), "
             f"got {labels!r}"
         )
+    return [f"{i} {label}" for i, label in enumerate(labels)]
 
 
 def plot_attention_step(
@@ -304,7 +308,7 @@ def plot_attention_step(
     """
     maps = check_maps(maps, step, head, batch)
     steps = maps.shape[2]
-    check_labels(labels, steps)
+    ticks = step_ticks(labels, steps)
     grid = np.ma.masked_invalid(maps[batch, head])
     fig, (left, right) = plt.subplots(
         1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.3]}
@@ -335,11 +339,10 @@ def plot_attention_step(
         f"head {head}, step t={step}: weights over "
         f"$m_0 \\ldots m_{{{step - 1}}}$ (sum {row.sum():.3f})"
     )
-    if labels is None:
+    if ticks is None:
         for axis in (left.xaxis, left.yaxis, right.xaxis):
             axis.set_major_locator(MaxNLocator(integer=True))
     else:
-        ticks = [f"{i} {label}" for i, label in enumerate(labels)]
         left.set_xticks(range(steps), ticks, rotation=90)
         left.set_yticks(range(steps), ticks)
         right.set_xticks(range(step), ticks[:step], rotation=90)
@@ -364,15 +367,10 @@ def plot_attention_heads(
     """
     maps = check_maps(maps, 1, 0, batch)
     heads, steps = maps.shape[1], maps.shape[2]
-    check_labels(labels, steps)
+    ticks = step_ticks(labels, steps) or [str(i) for i in range(steps)]
     rows = (heads + 1) // 2
     fig, axes = plt.subplots(
         rows, 2, figsize=(7, 3.4 * rows), squeeze=False, sharex=True
-    )
-    ticks = (
-        [str(i) for i in range(steps)]
-        if labels is None
-        else [f"{i} {label}" for i, label in enumerate(labels)]
     )
     for head, ax in enumerate(axes.flat):
         if head >= heads:

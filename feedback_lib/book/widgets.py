@@ -16,9 +16,9 @@ import torch
 from IPython.display import clear_output
 
 from feedback_lib.book.plots import (
-    check_labels,
     check_maps,
     plot_attention_step,
+    step_ticks,
 )
 from feedback_lib.checks import is_integer
 from feedback_lib.model.attention import FeedbackAttention, attention_maps
@@ -87,7 +87,7 @@ def attention_explorer(
     """
     maps = check_maps(attention_maps(attn, x_seq), step, head, batch)
     _, heads, steps, _ = maps.shape
-    check_labels(labels, steps)
+    step_ticks(labels, steps)  # checks the labels
     step_slider = widgets.IntSlider(
         value=step, min=1, max=steps - 1, description="step t"
     )

@@ -381,44 +381,46 @@ def test_contents_button_opens_the_page_contents_on_a_phone(page, phone, base_ur
     )
 
 
-#: What would make a reader scroll sideways, measured once MathJax has typeset the page: any box in
-#: the article that scrolls its content sideways (a code or output block, the container of a wide
-#: table, a displayed equation), and the page itself when it is wider than the window. With
-#: ``nowrap``, the code cells' own lines are measured unwrapped instead.
-OVERFLOW = """
-const [nowrap, done] = arguments;
-const scrolls = e => ["auto", "scroll"].includes(getComputedStyle(e).overflowX);
-const measure = () => {
-  const boxes = nowrap ? document.querySelectorAll("article .cell_input pre")
-                       : Array.from(document.querySelectorAll("article *")).filter(scrolls);
-  const wide = [];
-  boxes.forEach(e => {
-    if (e.getClientRects().length === 0) return;  // not displayed (a collapsed solution)
-    if (nowrap) e.style.whiteSpace = "pre";
-    if (e.scrollWidth > e.clientWidth + 1)
-      wide.push(`${e.scrollWidth} > ${e.clientWidth} px: ${e.textContent.trim().slice(0, 60)}`);
-    if (nowrap) e.style.whiteSpace = "";
-  });
-  const root = document.documentElement;
-  done({blocks: wide, page: root.scrollWidth, window: root.clientWidth});
-};
+#: Waits until MathJax has typeset the page (at once where the page has no MathJax).
+TYPESET = """
+const done = arguments[0];
 const typeset = window.MathJax && MathJax.startup && MathJax.startup.promise;
-(typeset || Promise.resolve()).then(measure, measure);
+(typeset || Promise.resolve()).then(() => done(), () => done());
 """
 
 
-def _overflow(driver, base_url: str, page: str, *, nowrap: bool = False) -> dict:
+def _open_typeset(driver, base_url: str, page: str) -> None:
+    """Load ``page`` (``driver.get`` waits for the load event) and wait for MathJax, which changes
+    the width of what it typesets."""
     driver.get(base_url + page)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and driver.execute_script(
-        "return document.readyState !== 'complete'"
-    ):
-        time.sleep(0.05)
-    return driver.execute_async_script(OVERFLOW, nowrap)
+    driver.execute_async_script(TYPESET)
+
+
+#: What would make a reader scroll sideways: any box in the article that scrolls its content
+#: sideways (a code or output block, the container of a wide table, a displayed equation), and the
+#: page itself when it is wider than the window. With ``nowrap``, the code cells' own lines are
+#: measured unwrapped instead.
+OVERFLOW = """
+const nowrap = arguments[0];
+const scrolls = e => ["auto", "scroll"].includes(getComputedStyle(e).overflowX);
+const boxes = nowrap ? document.querySelectorAll("article .cell_input pre")
+                     : Array.from(document.querySelectorAll("article *")).filter(scrolls);
+const wide = [];
+boxes.forEach(e => {
+  if (e.getClientRects().length === 0) return;  // not displayed (a collapsed solution)
+  if (nowrap) e.style.whiteSpace = "pre";
+  if (e.scrollWidth > e.clientWidth + 1)
+    wide.push(`${e.scrollWidth} > ${e.clientWidth} px: ${e.textContent.trim().slice(0, 60)}`);
+  if (nowrap) e.style.whiteSpace = "";
+});
+const root = document.documentElement;
+return {blocks: wide, page: root.scrollWidth, window: root.clientWidth};
+"""
 
 
 def _assert_nothing_scrolls(driver, base_url: str, page: str, width: str) -> None:
-    seen = _overflow(driver, base_url, page)
+    _open_typeset(driver, base_url, page)
+    seen = driver.execute_script(OVERFLOW, False)
     assert not seen["blocks"], (
         f"{page} at {width}: blocks that scroll sideways: {seen['blocks'][:3]}"
     )
@@ -429,7 +431,7 @@ def _assert_nothing_scrolls(driver, base_url: str, page: str, width: str) -> Non
 def test_nothing_scrolls_sideways_on_a_laptop(page, driver, base_url, site):
     _assert_nothing_scrolls(driver, base_url, page, "1280 px")
     # A code cell's lines (at most 88 characters, book/ruff.toml) fit without wrapping here.
-    wrapped = _overflow(driver, base_url, page, nowrap=True)["blocks"]
+    wrapped = driver.execute_script(OVERFLOW, True)["blocks"]
     assert not wrapped, f"{page} at 1280 px: code lines that wrap: {wrapped[:3]}"
 
 
@@ -465,7 +467,7 @@ def test_printing_shows_every_solution_and_cuts_no_code(page, driver, base_url, 
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", PRINT_PAGE)
     driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
     try:
-        _overflow(driver, base_url, page)  # load the page and wait for MathJax
+        _open_typeset(driver, base_url, page)
         printed = driver.execute_script(PRINTED)
     finally:
         driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
