@@ -18,7 +18,7 @@ fused Adam, the same for all) and greedy generation for:
 Timings are interleaved (every implementation runs once per round) and the
 best round is kept, so that a busy machine slows every implementation alike.
 ``--memory`` adds the peak training memory of the naive stack, the Stack and
-the fused loop. Chapter 7 of the book shows a stored run and chapter 6 the
+the fused loop. Chapter 12 of the book shows a stored run and chapter 6 the
 memory and time against the sequence length; ``--help`` lists the options.
 A bad option (a size below 1, an unknown device, a ``--json`` path that
 cannot be written, ...) is a usage error before any timing; the JSON

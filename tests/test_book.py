@@ -5,6 +5,7 @@ These tests read the files only; CI executes the notebooks themselves with ``pyt
 
 from __future__ import annotations
 
+import base64
 import importlib
 import json
 import re
@@ -148,6 +149,27 @@ def test_code_lines_fit_the_website(path):
         if len(line) > 88
     ]
     assert not long, f"{path.name}: {len(long)} code lines over 88 characters, e.g. {long[0]!r}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_stored_figures_follow_the_book_style(path):
+    """Every stored figure was drawn in the book's style (feedback_lib.book.style): its PNG records
+    its resolution and smallest font, at most 5 % wider than style.MAX_WIDTH_IN, with no text below
+    style.MIN_FONT_PT. tests/browser measures how large that text is shown on the website."""
+    from feedback_lib.book import style
+
+    for index, cell in enumerate(load(path)["cells"]):
+        for output in cell.get("outputs", []):
+            if "image/png" not in output.get("data", {}):
+                continue
+            info = style.png_info(base64.b64decode(output["data"]["image/png"]))
+            assert info["dpi"] == style.DPI and info["font"] is not None, (
+                f"{path.name}, cell {index}: a figure drawn without the book's style: {info}"
+            )
+            assert info["font"] >= style.MIN_FONT_PT, f"{path.name}, cell {index}: {info}"
+            assert info["width"] <= 1.05 * style.MAX_WIDTH_IN * style.DPI, (
+                f"{path.name}, cell {index}: a figure {info['width']} px wide"
+            )
 
 
 def test_references_bib_has_the_cited_works():

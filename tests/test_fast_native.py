@@ -509,7 +509,7 @@ def test_the_cpp_loops_check_that_the_steps_fit(cpp_step_loops):
 
 
 def test_the_cpp_source_fits_the_website():
-    """Chapter 7 shows functions of step_loops.cpp: like the Python, its lines fit a code block."""
+    """Chapter 12 shows functions of step_loops.cpp: like the Python, its lines fit a code block."""
     wide = [n for n, line in enumerate(native.SOURCE.read_text().splitlines(), 1) if len(line) > 76]
     assert not wide, (
         f"lines wider than 76 characters: {wide} (clang-format with fast/.clang-format)"

@@ -1,4 +1,5 @@
-"""The book's figures and widgets: they draw without errors and refuse bad input clearly."""
+"""The book's figures and widgets: they draw without errors, follow the book's style (legible on a
+phone) and refuse bad input clearly."""
 
 from __future__ import annotations
 
@@ -11,13 +12,38 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from feedback_lib.book import plots  # noqa: E402
+from feedback_lib.book import plots, style  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def close_figures():
+def figures_follow_the_book_style():
+    """Every figure a test draws, stored as the notebooks store it, is at most 5 % wider than
+    style.MAX_WIDTH_IN (the tight crop may add a little) and has no text below
+    style.MIN_FONT_PT: together these keep its text at 9 CSS px or more on a phone
+    (tests/browser measures the website)."""
     yield
-    plt.close("all")
+    try:
+        for number in plt.get_fignums():
+            info = style.png_info(style.png(plt.figure(number)))
+            assert info["dpi"] == style.DPI and info["font"] >= style.MIN_FONT_PT, info
+            assert info["width"] <= 1.05 * style.MAX_WIDTH_IN * style.DPI, info
+    finally:
+        plt.close("all")
+
+
+def test_png_records_its_resolution_and_smallest_font():
+    fig, ax = plt.subplots()
+    ax.set_title("big", fontsize=14)
+    ax.text(0.5, 0.5, "small", fontsize=7)
+    ax.text(0.5, 0.2, "  ", fontsize=3)  # blank text is not counted
+    assert style.png_info(style.png(fig))["font"] == 7
+    ax.texts[0].set_visible(False)  # hidden text is not counted either; the defaults are the book's
+    info = style.png_info(style.png(fig))
+    assert (info["dpi"], info["font"]) == (style.DPI, style.MIN_FONT_PT)
+    assert info["width"] <= style.MAX_WIDTH_IN * style.DPI
+    plt.close(fig)
+    with pytest.raises(ValueError, match="not a PNG"):
+        style.png_info(b"GIF89a")
 
 
 @pytest.mark.parametrize("kind", fl.book.information_flow.KINDS)
@@ -182,14 +208,24 @@ def test_scaling_and_throughput_figures():
         {"naive stack": [0.1, 0.3], "Stack": [0.1, 0.2]},
         {"naive stack": [2**20, 4 * 2**20], "Stack": [2**19, 2**20]},
     )
-    assert [ax.get_xlabel() for ax in fig.axes] == ["sequence length T"] * 2
+    # time above memory, on one shared axis of sequence lengths
+    assert [ax.get_xlabel() for ax in fig.axes] == ["", "sequence length T"]
+    assert fig.axes[0].get_shared_x_axes().joined(*fig.axes)
     with pytest.raises(ValueError, match="peak_bytes must map each variant to 2 values"):
         plots.plot_scaling([8, 16], {"Stack": [0.1, 0.2]}, {"Stack": [1]})
     from feedback_lib.bench import Result
 
     results = [Result("a", 10, 100.0, 5.0, "cached memory"), Result("b", 10, 50.0, None, "-")]
     fig = plots.plot_throughput(results, reference="a")
-    assert len(fig.axes) == 2
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "training",
+        "generation, batch 1",
+    ]
+    # each name above its bars, the reference in bold; no generation bar where it is not measured
+    names = {t.get_text(): t.get_weight() for t in ax.texts if t.get_text() in "ab"}
+    assert names == {"a": "bold", "b": "normal"}
+    assert [round(p.get_width(), 1) for p in ax.patches] == [100.0, 50.0, 5.0, 0.0]
     with pytest.raises(ValueError, match="results is empty"):
         plots.plot_throughput([])
 

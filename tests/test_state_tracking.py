@@ -170,6 +170,7 @@ def test_stored_results_come_from_the_books_folder_and_repository(tmp_path):
     )
     (tmp_path / "r.json").write_text('{"runs": []}')
     assert stored.stored_results("r.json", tmp_path) == {"runs": []}
+    assert stored.stored_file("r.json", tmp_path) == tmp_path / "r.json"
     # The book's own file holds five seeds of every arm of both experiments.
     results = stored.stored_results("state_tracking.json", ROOT / "book" / "results")
     for task in experiments.SETUPS:

@@ -139,6 +139,59 @@ def test_checkpoint_is_atomic_and_loads_with_weights_only(tmp_path):
         checkpoint.load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_a_trained_model_is_kept_with_its_checksum_and_loads_back(tmp_path):
+    result = train(tiny(mem_len=5), text=TEXT)
+    path = result.save_model(tmp_path / "model.pt")
+    sums = tmp_path / "model.pt.sha256"
+    assert sums.read_text() == f"{checkpoint.sha256(path)}  model.pt\n"  # sha256sum's format
+    state = torch.load(path, weights_only=True)
+    assert set(state) == set(checkpoint.MODEL_KEYS)  # no optimizer, schedule or random state
+    # of the position tables, only the mem_len = 5 distances the memory reaches
+    assert state["model"]["transformer.layers.0.attn.key_pos_bias"].shape == (5, 2)
+    assert (
+        path.stat().st_size < 200_000
+    )  # the full tables alone would be 4096 * 2 layers * 18 floats
+    loaded = type(result).load(path)
+    tokens = torch.randint(result.tokenizer.n_vocab, (2, 12))  # longer than mem_len
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(tokens), result.model(tokens), rtol=0, atol=0)
+    assert not loaded.model.training and loaded.tokenizer.chars == result.tokenizer.chars
+    assert loaded.history == result.history and loaded.config == result.config
+    assert loaded.sample("the ", 20, seed=3) == result.sample("the ", 20, seed=3)
+    # A damaged file, or one whose checksum is missing, is refused before it is read.
+    path.write_bytes(path.read_bytes()[:-1] + b"x")
+    with pytest.raises(ValueError, match="model.pt' has the SHA-256 .* damaged"):
+        type(result).load(path)
+    sums.unlink()
+    with pytest.raises(FileNotFoundError, match="model.pt.sha256'; a trained model is a file"):
+        type(result).load(path)
+    # A file whose checksum matches but which is no model file names what it lacks.
+    torch.save({"format": 1, "model": {}}, path)
+    sums.write_text(f"{checkpoint.sha256(path)}  model.pt\n")
+    with pytest.raises(ValueError, match="not a complete feedback_lib trained model.*lacks"):
+        type(result).load(path)
+    with pytest.raises(ValueError, match="a model file needs the keys"):
+        checkpoint.save_model(path, {"model": {}})
+
+
+def test_the_book_stores_chapter_8s_model_for_chapter_9():
+    from pathlib import Path
+
+    from feedback_lib.book import stored
+
+    folder = Path(__file__).resolve().parents[1] / "book" / "results"
+    run = stored.stored_model("shakespeare_feedback.pt", folder)
+    config = run.config
+    assert (config.model, config.d_model, config.n_layers, config.steps) == (
+        "feedback",
+        128,
+        4,
+        1200,
+    )
+    assert config.curriculum == "32:0.25,64:0.25,128:0.5" and run.steps_done == 1200
+    assert (folder / "shakespeare_feedback.pt").stat().st_size < 4 * 2**20  # small enough for git
+
+
 class Interrupted(Exception):
     pass
 

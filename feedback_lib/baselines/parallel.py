@@ -1,5 +1,5 @@
 """The parallel baseline: a causal Transformer language model of the same
-width and depth (chapters 1, 7 and 9).
+width and depth (chapters 1, 8, 9 and 12).
 
 A standard (pre-norm) Transformer sees the whole training sequence at
 once, so it trains with a few large matrix products instead of one small

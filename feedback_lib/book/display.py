@@ -30,7 +30,7 @@ def show_source(obj: object) -> Markdown:
 
 def show_cpp(name: str) -> Markdown:
     """One function of the C++ step loops
-    (``feedback_lib/fast/step_loops.cpp``, chapter 7) as a Markdown code
+    (``feedback_lib/fast/step_loops.cpp``, chapter 12) as a Markdown code
     block: its comment, its ``template`` line and its body, up to the
     closing brace."""
     from feedback_lib.fast.native import SOURCE

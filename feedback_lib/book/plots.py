@@ -1,7 +1,10 @@
 """Figures of the book, drawn with matplotlib (chapters 1 to 11).
 
 Every function draws with pyplot and returns the figure, so a notebook shows
-it once, inline.
+it once, inline. Importing this module applies the book's style
+(:mod:`feedback_lib.book.style`): every figure is at most
+``style.MAX_WIDTH_IN`` wide, with no text below ``style.MIN_FONT_PT``, so it
+reads on a phone; panels are stacked rather than put side by side.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
+from feedback_lib.book import style
 from feedback_lib.book.information_flow import KINDS, ancestors, flow_edges
 from feedback_lib.checks import check_positive_int, is_integer
+
+style.use()
+WIDTH = style.MAX_WIDTH_IN
 
 #: Colours of the four score terms and their sum (chapter 2).
 TERM_COLORS = {
@@ -69,9 +76,7 @@ def draw_information_flow(
             f"0..{n_steps - 1}), got {target}"
         )
     if ax is None:
-        _, ax = plt.subplots(
-            figsize=(1.1 * n_steps + 1.5, 0.8 * (n_layers + 2) + 0.6)
-        )
+        _, ax = plt.subplots(figsize=(WIDTH, 0.5 * (n_layers + 2) + 1.2))
     edges = flow_edges(kind, n_layers, n_steps)
     seen = ancestors(kind, n_layers, n_steps, target)
     rows = n_layers + (2 if kind == "feedback" else 1)
@@ -133,8 +138,8 @@ def draw_information_flow(
         "Transformer" if kind == "transformer" else "Feedback Transformer"
     )
     ax.set_title(
-        f"{name}: what can reach layer {target[0]} at t={target[1]} "
-        "(filled)"
+        f"{name}:\n"
+        f"what can reach layer {target[0]} at t={target[1]} (filled)"
     )
     return ax.figure
 
@@ -204,25 +209,29 @@ def plot_score_terms(
             f"got {len(labels)} labels"
         )
     back = np.arange(seq_len, 0, -1)  # entry j is seq_len - j steps back
-    fig, grid = plt.subplots(2, 3, figsize=(12, 5.6), sharex=True)
+    fig, grid = plt.subplots(3, 2, figsize=(WIDTH, 6.6), sharex=True)
     axes = grid.ravel()
     for ax, name in zip(axes, ["A", "B", "C", "D", "sum"]):
-        for b, label, style in zip(batches, labels, _BATCH_STYLES):
+        for b, label, line_style in zip(batches, labels, _BATCH_STYLES):
             series = {
                 n: np.asarray(terms[n], dtype=np.float64)[:, b, head]
                 for n in "ABCD"
             }
             values = sum(series.values()) if name == "sum" else series[name]
             ax.plot(
-                back, values, color=TERM_COLORS[name], label=label, **style
+                back,
+                values,
+                color=TERM_COLORS[name],
+                label=label,
+                **line_style,
             )
         ax.axhline(0, color="0.8", lw=0.8, zorder=0)
         ax.set_title(TERM_LABELS[name])
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
     # shared x axis: oldest entry left, newest right
     ax.set_xlim(seq_len + 0.5, 0.5)
-    for ax in grid[1]:
-        ax.set_xlabel("steps back (memory entry)")
+    for ax in grid[-1]:
+        ax.set_xlabel("steps back")
         ax.tick_params(labelbottom=True)
     for ax in grid[:, 0]:
         ax.set_ylabel(f"score (head {head})")
@@ -302,8 +311,8 @@ def plot_attention_step(
     ``maps [batch, heads, steps, steps]`` from
     :func:`~feedback_lib.attention_maps`: row ``t`` holds the weights of
     query ``t`` over the memory entries ``0..t-1`` (NaN elsewhere, drawn
-    grey). Left: the whole map of ``head`` with row ``step`` outlined.
-    Right: that row as bars, one per memory entry. ``labels`` (one string
+    grey). Top: the whole map of ``head`` with row ``step`` outlined.
+    Below: that row as bars, one per memory entry. ``labels`` (one string
     per step, e.g. the tokens) are added to the step numbers on the axes.
     """
     maps = check_maps(maps, step, head, batch)
@@ -311,7 +320,7 @@ def plot_attention_step(
     ticks = step_ticks(labels, steps)
     grid = np.ma.masked_invalid(maps[batch, head])
     fig, (left, right) = plt.subplots(
-        1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.3]}
+        2, 1, figsize=(WIDTH, 8), gridspec_kw={"height_ratios": [1.4, 1]}
     )
     left.set_facecolor("0.88")  # no memory entry there (j >= t)
     image = left.imshow(grid, cmap="viridis", vmin=0, vmax=1)
@@ -328,7 +337,7 @@ def plot_attention_step(
     left.set_xlabel("memory entry j (a past step)")
     left.set_ylabel("query step t")
     left.set_title(f"head {head}: attention of every step")
-    fig.colorbar(image, ax=left, fraction=0.046)
+    fig.colorbar(image, ax=left, fraction=0.046, label="weight")
     row = maps[batch, head, step, :step]
     right.bar(np.arange(step), row, color="tab:blue")
     right.set_xlim(-0.5, step - 0.5)  # only the entries in the memory
@@ -337,7 +346,7 @@ def plot_attention_step(
     right.set_ylabel("attention weight")
     right.set_title(
         f"head {head}, step t={step}: weights over "
-        f"$m_0 \\ldots m_{{{step - 1}}}$ (sum {row.sum():.3f})"
+        f"$m_0 \\ldots m_{{{step - 1}}}$\n(sum {row.sum():.3f})"
     )
     if ticks is None:
         for axis in (left.xaxis, left.yaxis, right.xaxis):
@@ -370,7 +379,12 @@ def plot_attention_heads(
     ticks = step_ticks(labels, steps) or [str(i) for i in range(steps)]
     rows = (heads + 1) // 2
     fig, axes = plt.subplots(
-        rows, 2, figsize=(7, 3.4 * rows), squeeze=False, sharex=True
+        rows,
+        2,
+        figsize=(WIDTH, 2.9 * rows),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
     )
     for head, ax in enumerate(axes.flat):
         if head >= heads:
@@ -436,7 +450,7 @@ def plot_layer_weights(
         )
     n = probs[0].size
     names = ["embedding"] + [f"layer {layer}" for layer in range(1, n)]
-    fig, ax = plt.subplots(figsize=(1.3 * n + 2, 3))
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.4))
     width = 0.8 / len(probs)
     handles = []
     for i, p in enumerate(probs):
@@ -446,7 +460,7 @@ def plot_layer_weights(
             width,
             label=labels[i] if len(probs) > 1 else None,
         )
-        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.bar_label(bars, fmt="%.3f")
         handles += [bars] if len(probs) > 1 else []
     handles.append(
         ax.axhline(1 / n, color="0.4", ls="--", lw=1, label="uniform")
@@ -456,7 +470,7 @@ def plot_layer_weights(
     ax.set_xticks(range(n), names)
     ax.set_ylabel("share of the memory vector")
     ax.set_title(r"memory weights $\mathrm{softmax}(w)_l$")
-    ax.legend(handles=handles, loc="upper center", ncol=3, fontsize=8)
+    ax.legend(handles=handles, loc="upper center", ncol=3)
     fig.tight_layout()
     return fig
 
@@ -486,7 +500,9 @@ def plot_scaling(
                 f"{name} must map each variant to {len(seq_lens)} values, "
                 "one per sequence length"
             )
-    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_time, ax_mem) = plt.subplots(
+        2, 1, figsize=(WIDTH, 6.4), sharex=True
+    )
     for name, values in seconds.items():
         ax_time.plot(seq_lens, values, marker="o", label=name)
     for name, values in peak_bytes.items():
@@ -494,15 +510,15 @@ def plot_scaling(
             seq_lens, [p / 2**20 for p in values], marker="o", label=name
         )
     for ax, ylabel in (
-        (ax_time, "seconds (forward + backward)"),
+        (ax_time, "seconds\n(forward + backward)"),
         (ax_mem, "peak memory (MiB)"),
     ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("sequence length T")
         ax.set_ylabel(ylabel)
         ax.set_xticks(list(seq_lens), [str(n) for n in seq_lens])
         ax.grid(alpha=0.3, which="both")
+    ax_mem.set_xlabel("sequence length T")
     ax_mem.legend()
     fig.tight_layout()
     return fig
@@ -511,46 +527,55 @@ def plot_scaling(
 def plot_throughput(
     results: Sequence, *, reference: str | None = None
 ) -> Figure:
-    """Horizontal bars of training and generation tokens/s per
-    implementation (chapter 7).
+    """Training and generation tokens/s of each implementation as a pair of
+    horizontal bars on one logarithmic axis, the implementation named above
+    its bars (chapter 12).
 
     ``results`` are :class:`feedback_lib.bench.Result` objects;
-    ``reference`` (a result's name) is drawn in a darker colour. Generation
-    bars are left out where it was not measured.
+    ``reference`` (a result's name) is named in bold. A generation bar is
+    left out where it was not measured.
     """
     if not results:
         raise ValueError(
             "results is empty: pass the list that feedback_lib.bench.run "
             "returns"
         )
-    names = [r.name for r in results]
-    fig, axes = plt.subplots(
-        1, 2, figsize=(11, 0.5 * len(results) + 1.5), sharey=True
-    )
-    for ax, field, title in (
-        (axes[0], "train_tokens_per_s", "training tokens/s"),
-        (axes[1], "generate_tokens_per_s", "generation tokens/s (batch 1)"),
+    fig, ax = plt.subplots(figsize=(WIDTH, 0.65 * len(results) + 1.1))
+    rows = np.arange(len(results))
+    largest = 1.0
+    for offset, field, color, label in (
+        (0.03, "train_tokens_per_s", "tab:blue", "training"),
+        (0.29, "generate_tokens_per_s", "orange", "generation, batch 1"),
     ):
         values = [getattr(r, field) or 0.0 for r in results]
-        colors = [
-            "tab:blue" if n == reference else "tab:gray" for n in names
-        ]
-        ax.barh(names, values, color=colors)
-        ax.set_xscale("log")
-        # label the powers of ten only
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(title)
-        for y, v in enumerate(values):
+        largest = max(largest, *values)
+        ax.barh(rows + offset, values, 0.24, color=color, label=label)
+        for y, v in zip(rows + offset, values):
             if v:
                 ax.text(
                     v,
                     y,
                     f" {v:.0f}" if v >= 10 else f" {v:.1f}",
                     va="center",
-                    fontsize=8,
                 )
-        ax.grid(alpha=0.3, axis="x", which="both")
-    axes[0].invert_yaxis()
+    for y, r in zip(rows, results):
+        ax.text(
+            1.1,
+            y - 0.12,
+            r.name,
+            va="bottom",
+            weight="bold" if r.name == reference else "normal",
+        )
+    ax.set_xscale("log")
+    # from 1 token/s to room for the largest value's label
+    ax.set_xlim(1, largest * 12)
+    ax.set_ylim(len(results) - 0.5, -0.6)  # the first result on top
+    ax.set_yticks([])
+    # label the powers of ten only
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("tokens per second")
+    ax.grid(alpha=0.3, axis="x", which="both")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1), ncol=2)
     fig.tight_layout()
     return fig
 
@@ -559,16 +584,16 @@ def plot_training(
     runs: dict, *, target: float | None = None, x: str = "minutes"
 ) -> Figure:
     """Validation loss of several training runs (chapter 8): ``runs`` maps a
-    label to a :class:`~feedback_lib.training.cli.History`. Left: validation
+    label to a :class:`~feedback_lib.training.cli.History`. Top: validation
     loss (nats per character) against training time (``x="minutes"``) or
-    tokens (``x="tokens"``); right: the training loss per step (a running
+    tokens (``x="tokens"``); below: the training loss per step (a running
     mean over 20 steps) against tokens. ``target``: a dashed line at that
-    loss."""
+    loss, labelled "target"."""
     if x not in ("minutes", "tokens"):
         raise ValueError(f"x must be 'minutes' or 'tokens', got {x!r}")
     if not runs:
         raise ValueError("runs must map at least one label to a History")
-    fig, (ax_val, ax_train) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax_val, ax_train) = plt.subplots(2, 1, figsize=(WIDTH, 7))
     for label, h in runs.items():
         along = (
             np.array(h.val_seconds) / 60
@@ -592,7 +617,16 @@ def plot_training(
     for ax in (ax_val, ax_train):
         if target is not None:
             ax.axhline(target, color="gray", ls="--", lw=1)
-        ax.set_ylabel("loss (nats per character)")
+            ax.annotate(
+                f"target {target:.2f}",
+                (0, target),
+                xycoords=("axes fraction", "data"),
+                xytext=(4, -3),
+                textcoords="offset points",
+                va="top",
+                color="0.3",
+            )
+        ax.set_ylabel("loss (nats per char.)")
         ax.grid(alpha=0.3)
     ax_val.set_xlabel(
         "training time (minutes)" if x == "minutes" else "tokens (millions)"
@@ -600,7 +634,7 @@ def plot_training(
     ax_val.set_title("validation loss")
     ax_train.set_xlabel("tokens (millions)")
     ax_train.set_title("training loss (running mean of 20 steps)")
-    ax_val.legend(fontsize=8)
+    ax_val.legend()
     lows = [min(h.val_loss) for h in runs.values()]
     ax_val.set_ylim(
         min(lows + ([target] if target else [])) - 0.1, max(lows) + 1.2
@@ -629,7 +663,7 @@ def plot_latency(
             "latency must map each implementation to the same number of "
             "per-position times"
         )
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.6))
     for name, seconds in latency.items():
         ms = np.asarray(seconds, dtype=float) * 1e3
         window = min(smooth, len(ms))
@@ -641,7 +675,7 @@ def plot_latency(
         )
         ax.plot(np.arange(len(ms)), medians, label=name)
     ax.set_yscale("log")
-    ax.set_xlabel("position of the new token (tokens already read)")
+    ax.set_xlabel("position of the new token\n(tokens already read)")
     ax.set_ylabel("milliseconds per token")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
@@ -656,8 +690,8 @@ def plot_cross_attention(
     *,
     batch: int = 0,
 ) -> Figure:
-    """Cross-attention of every layer and head as heatmaps, one row of
-    panels per layer (chapter 11).
+    """Cross-attention of every layer and head as heatmaps, two heads to a
+    row, layer after layer (chapter 11).
 
     ``maps [n_layers, batch, heads, seq, context_len]`` from
     :func:`~feedback_lib.cross_attention_maps`: row ``t`` of a panel is how
@@ -687,28 +721,35 @@ def plot_cross_attention(
                 f"{name} must be a sequence of {size} strings (one per "
                 f"{what}), got {labels!r}"
             )
+    columns = min(heads, 2)
+    rows = n_layers * -(-heads // columns)
+    # inches per panel, less the labels and the colour bar
+    panel = (WIDTH - 1.6) / columns
     fig, axes = plt.subplots(
-        n_layers,
-        heads,
-        figsize=(0.3 * context_len * heads + 2, 0.3 * seq * n_layers + 1.5),
+        rows,
+        columns,
+        figsize=(WIDTH, rows * (panel * seq / context_len + 0.3) + 0.9),
         squeeze=False,
         sharex=True,
         sharey=True,
         layout="constrained",
     )
-    for layer in range(n_layers):
-        for head in range(heads):
-            ax = axes[layer, head]
-            image = ax.imshow(
-                maps[layer, batch, head], cmap="viridis", vmin=0, vmax=1
-            )
-            ax.set_title(f"layer {layer + 1}, head {head}", fontsize=9)
-            ax.set_xticks(range(context_len), source_labels, fontsize=8)
-            ax.set_yticks(range(seq), target_labels, fontsize=8)
-        axes[layer, 0].set_ylabel("decoder reads")
+    for index, ax in enumerate(axes.flat):
+        layer, head = divmod(index, -(-heads // columns) * columns)
+        if head >= heads:
+            ax.set_visible(False)
+            continue
+        image = ax.imshow(
+            maps[layer, batch, head], cmap="viridis", vmin=0, vmax=1
+        )
+        ax.set_title(f"layer {layer + 1}, head {head}")
+        ax.set_xticks(range(context_len), source_labels, rotation=90)
+        ax.set_yticks(range(seq), target_labels)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("decoder reads")
     for ax in axes[-1]:
         ax.set_xlabel("source position")
-    fig.colorbar(image, ax=axes, fraction=0.02, label="attention weight")
+    fig.colorbar(image, ax=axes, fraction=0.04, label="attention weight")
     return fig
 
 
@@ -754,7 +795,7 @@ def plot_accuracy(
             raise ValueError(
                 f"accuracies of {name!r} must lie in [0, 1], got {bad}"
             )
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.6))
     for name, points in seeds.items():
         xs = sorted(points)
         mean = [100 * sum(points[x]) / len(points[x]) for x in xs]
@@ -776,7 +817,6 @@ def plot_accuracy(
             textcoords="offset points",
             rotation=90,
             va="center",
-            fontsize=9,
         )
     xs = sorted({x for points in seeds.values() for x in points})
     if len(xs) <= 8:
@@ -787,6 +827,7 @@ def plot_accuracy(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
+    # between the usual lines (near 100 % and near chance), clear of both
+    ax.legend(loc="center right")
     fig.tight_layout()
     return fig

@@ -1,6 +1,7 @@
-"""Results that a chapter plots but does not compute: files under the
+"""Results that a chapter uses but does not compute: files under the
 book's ``results/`` folder, written by the experiment scripts (chapter
-10's ``python -m feedback_lib.tasks.experiments``).
+10's ``python -m feedback_lib.tasks.experiments``) and by chapter 8's full
+run (the trained model that chapter 9 loads).
 
 A chapter runs with ``book/`` as its working directory and finds them
 there; a notebook opened alone (in Colab) fetches the same file from the
@@ -13,6 +14,9 @@ import json
 import tempfile
 import urllib.request
 from pathlib import Path
+
+from feedback_lib.training.checkpoint import checksum_path
+from feedback_lib.training.cli import TrainResult
 
 #: The book's repository and branch (``_config.yml``; a test keeps them
 #: equal).
@@ -28,12 +32,26 @@ def raw_url(path: str) -> str:
     return f"https://raw.githubusercontent.com/{owner_repo}/{BRANCH}/{path}"
 
 
-def stored_results(name: str, folder: str | Path = "results") -> dict:
-    """The JSON results file ``name``: ``folder/name`` when it exists
-    (the chapters' working directory is ``book/``), else downloaded from
+def stored_file(name: str, folder: str | Path = "results") -> Path:
+    """The results file ``name``: ``folder/name`` when it exists (the
+    chapters' working directory is ``book/``), else a copy downloaded from
     ``book/results/name`` in the book's repository."""
     local = Path(folder) / name
     if not local.is_file():
         local = Path(tempfile.gettempdir()) / name
         urllib.request.urlretrieve(raw_url(f"book/results/{name}"), local)
-    return json.loads(local.read_text())
+    return local
+
+
+def stored_results(name: str, folder: str | Path = "results") -> dict:
+    """The JSON results file ``name`` (see :func:`stored_file`)."""
+    return json.loads(stored_file(name, folder).read_text())
+
+
+def stored_model(name: str, folder: str | Path = "results") -> TrainResult:
+    """The trained model ``name`` and its SHA-256 beside it (see
+    :func:`stored_file`), loaded by ``TrainResult.load``, which checks the
+    one against the other."""
+    path = stored_file(name, folder)
+    stored_file(checksum_path(name).name, folder)
+    return TrainResult.load(path)

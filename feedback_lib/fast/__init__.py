@@ -1,4 +1,4 @@
-"""The fast path of the shared key/value transformer (chapter 7).
+"""The fast path of the shared key/value transformer (chapter 12).
 
 ``FeedbackTransformer.forward`` takes it through one branch,
 ``if fast.can_fuse(self): return ...fast.run(...)``, where it computes

@@ -1,5 +1,5 @@
 """The shared key/value transformer's loop as one autograd function with a
-hand-derived backward pass (chapter 7).
+hand-derived backward pass (chapter 12).
 
 The readable loop (chapter 5) lets autograd record every operation of
 every step: a few dozen graph nodes per layer per step, each linear layer

@@ -1,4 +1,4 @@
-"""The C++ step loops of the fused loop, compiled on first use (chapter 7).
+"""The C++ step loops of the fused loop, compiled on first use (chapter 12).
 
 :mod:`feedback_lib.fast.steps` runs its forward and backward step loops in
 Python or, on the CPU, in their C++ translation ``step_loops.cpp``: the

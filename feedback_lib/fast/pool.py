@@ -1,5 +1,5 @@
 """A pool of the fused loop's large CPU buffers, reused from call to call
-(chapter 7)."""
+(chapter 12)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fused loop's step loops, forward and backward (chapter 7).
+"""The fused loop's step loops, forward and backward (chapter 12).
 
 :func:`run_steps` and :func:`run_steps_backward` are the Python loops;
 ``step_loops.cpp`` translates them to C++ for the CPU. The dispatchers

@@ -1,4 +1,4 @@
-"""When the fused loop may run: exactly the model it computes (chapter 7).
+"""When the fused loop may run: exactly the model it computes (chapter 12).
 
 The fused loop is a translation of the readable loop for one model: the
 library's own shared key/value transformer, layer, attention and

@@ -1,4 +1,4 @@
-"""The fused loop's tensors, each list named once (chapter 7).
+"""The fused loop's tensors, each list named once (chapter 12).
 
 Every list of tensors the fused loop passes around is a dataclass here,
 and the order of its fields is the order everywhere else: the arguments
@@ -90,7 +90,7 @@ class Linear:
     On a CPU with MKL (float32) the weight is packed once into MKL's
     layout, so the per-step products skip the repacking ``torch.addmm``
     does at every call: the same numbers, faster by an amount that
-    depends on the CPU (chapter 7 measures it). Elsewhere it is
+    depends on the CPU (chapter 12 measures it). Elsewhere it is
     ``torch.addmm``.
     """
 

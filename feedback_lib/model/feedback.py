@@ -100,7 +100,7 @@ class FeedbackTransformer(nn.Module):
         self.n_layers, self.d_model = n_layers, layer.size
         self.heads = layer.attn.heads
         self.mem_len, self.naive_stack = mem_len, naive_stack
-        #: Only FeedbackTransformerKV has a fused loop (chapter 7).
+        #: Only FeedbackTransformerKV has a fused loop (chapter 12).
         self.fused = False
 
     def forward(
@@ -125,7 +125,7 @@ class FeedbackTransformer(nn.Module):
             x_seq, memory, context, context_padding_mask, return_memory
         )
         prefix = self.carried(memory)  # the steps a new step can see
-        if fast.can_fuse(self):  # the same loop, fused (chapter 7)
+        if fast.can_fuse(self):  # the same loop, fused (chapter 12)
             out, stored = fast.run(self, x_seq, prefix)
             return self.result(out, stored, return_memory)
         n_prefix = len(prefix[0]) if prefix else 0
@@ -415,7 +415,7 @@ class FeedbackTransformerKV(FeedbackTransformer):
         n_layers: number of layers.
         d_model, heads: width and heads (as in ``layer``).
         mem_len, naive_stack: as for :class:`FeedbackTransformer`.
-        fused: run the fused loop of chapter 7 where it computes exactly
+        fused: run the fused loop of chapter 12 where it computes exactly
             what the readable loop computes (see
             :func:`feedback_lib.fast.can_fuse`).
 

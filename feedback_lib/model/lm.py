@@ -236,7 +236,6 @@ class FeedbackDecoder(Decoder):
                 self.context = transformer.prepare_context(
                     context, context_padding_mask
                 )
-        self.context_padding_mask = None
         self.memory: FeedbackMemory | None = None
         self.fused = None
         if fast.can_fuse(transformer):
@@ -251,7 +250,6 @@ class FeedbackDecoder(Decoder):
                 x,
                 self.memory,
                 context=self.context,
-                context_padding_mask=self.context_padding_mask,
                 return_memory=True,
             )
         return self.lm.head(out[-1])  # [batch, n_vocab]

@@ -11,7 +11,7 @@ entries (``j = 0`` is the oldest; entry ``j`` lies ``m - j`` steps back):
 distance). This is labml.ai's form, after Transformer-XL. The readable
 loop of the transformer (chapter 5) scores one query at a time with
 :func:`relative_scores`; the parallel twin (chapter 8) scores every pair
-at once with the same :func:`position_scores`. The fused loop (chapter 7)
+at once with the same :func:`position_scores`. The fused loop (chapter 12)
 and the numpy reference (chapter 3) are translations of these lines,
 checked against them by the tests.
 """

@@ -4,6 +4,9 @@
 :func:`check_checkpoint_path` tells, before a run starts, whether
 :func:`save_checkpoint` will be able to write a path;
 :func:`remove_stale_temporaries` deletes what a killed save left behind.
+:func:`save_model` keeps a trained model without its training state, with
+its SHA-256 beside it, and :func:`load_model_file` reads it back after
+checking it (chapter 9 loads chapter 8's model this way).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from pathlib import Path
 from typing import IO
 
 import torch
+
+# A model file's checksum is the hash the verified downloads use.
+from feedback_lib.training.data import sha256_of as sha256
 
 #: What every checkpoint holds (see ``training.cli.train``): each key and
 # the type of its value.
@@ -36,6 +42,17 @@ CHECKPOINT_TYPES: dict[str, type] = {
     "history": dict,
 }
 CHECKPOINT_KEYS = tuple(CHECKPOINT_TYPES)
+#: What a trained model's file holds (:func:`save_model`): the checkpoint's
+# keys but those only continuing the training needs.
+MODEL_KEYS = (
+    "format",
+    "config",
+    "model_kind",
+    "model_config",
+    "tokenizer",
+    "model",
+    "history",
+)
 FORMAT = 1
 #: The name of save_checkpoint's temporary file after the checkpoint's
 # name: ``.`` + tempfile.mkstemp's 8 random characters + ``.tmp``.
@@ -89,6 +106,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    state = _read(path, CHECKPOINT_KEYS, "training checkpoint")
+    if state["step"] < 0:
+        raise ValueError(
+            f"{str(path)!r} holds step {state['step']}; a checkpoint's "
+            "step is an integer >= 0"
+        )
+    return state
+
+
+def _read(path: Path, keys: tuple[str, ...], what: str) -> dict:
+    """The dict torch.save wrote to ``path``, read with
+    ``weights_only=True``, after checking its format and that it has each
+    of ``keys`` with its type in :data:`CHECKPOINT_TYPES`; ``what`` names
+    the kind of file in errors."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     # A truncated file, another format, or objects weights_only refuses:
@@ -106,27 +137,72 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             else f"a {type(state).__name__} without a format"
         )
         raise ValueError(
-            f"{str(path)!r} is not a feedback_lib training checkpoint "
+            f"{str(path)!r} is not a feedback_lib {what} "
             f"(format {FORMAT}): it holds {found}"
         )
-    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    missing = [k for k in keys if k not in state]
     wrong = [
-        f"{k!r} is a {type(state[k]).__name__}, expected {kind.__name__}"
-        for k, kind in CHECKPOINT_TYPES.items()
-        if k in state and not isinstance(state[k], kind)
+        f"{k!r} is a {type(state[k]).__name__}, expected "
+        f"{CHECKPOINT_TYPES[k].__name__}"
+        for k in keys
+        if k in state and not isinstance(state[k], CHECKPOINT_TYPES[k])
     ]
     if missing or wrong:
         problems = ([f"it lacks {missing}"] if missing else []) + wrong
         raise ValueError(
-            f"{str(path)!r} is not a complete feedback_lib training "
-            f"checkpoint (format {FORMAT}): {'; '.join(problems)}"
-        )
-    if state["step"] < 0:
-        raise ValueError(
-            f"{str(path)!r} holds step {state['step']}; a checkpoint's "
-            "step is an integer >= 0"
+            f"{str(path)!r} is not a complete feedback_lib {what} "
+            f"(format {FORMAT}): {'; '.join(problems)}"
         )
     return state
+
+
+def checksum_path(path: str | os.PathLike) -> Path:
+    """Where :func:`save_model` writes the SHA-256 of ``path``:
+    ``<path>.sha256``, in the format of ``sha256sum``."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def save_model(path: str | os.PathLike, state: dict) -> Path:
+    """Write the :data:`MODEL_KEYS` of ``state`` (a checkpoint's, or
+    ``TrainResult.save_model``'s) to ``path``, then their SHA-256 to
+    :func:`checksum_path`, each atomically."""
+    missing = [k for k in MODEL_KEYS if k not in state]
+    if missing:
+        raise ValueError(
+            f"a model file needs the keys {list(MODEL_KEYS)}; missing "
+            f"{missing}"
+        )
+    model = {k: state[k] for k in MODEL_KEYS}
+    path = atomic_write(path, lambda f: torch.save(model, f))
+    line = f"{sha256(path)}  {path.name}\n"
+    atomic_write(checksum_path(path), lambda f: f.write(line), text=True)
+    return path
+
+
+def load_model_file(path: str | os.PathLike) -> dict:
+    """Read a file :func:`save_model` wrote, onto the CPU, once its
+    SHA-256 matches the one beside it: a damaged or replaced file (a Git
+    LFS pointer, say) is an error that says so before anything is
+    loaded."""
+    path, sums = Path(path), checksum_path(path)
+    for needed in (path, sums):
+        if not needed.is_file():
+            raise FileNotFoundError(
+                f"no file at {str(needed)!r}; a trained model is a file "
+                "and its .sha256 beside it, as TrainResult.save_model "
+                "writes them"
+            )
+    expected = (sums.read_text().split() or [""])[0]
+    found = sha256(path)
+    if found != expected:
+        raise ValueError(
+            f"{str(path)!r} has the SHA-256 {found}, but {str(sums)!r} "
+            f"says {expected or 'nothing'}: the file is damaged or is not "
+            "the one saved with it; write both again with "
+            "TrainResult.save_model"
+        )
+    return _read(path, MODEL_KEYS, "trained model")
 
 
 def load_error(error: Exception) -> str:

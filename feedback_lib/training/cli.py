@@ -42,6 +42,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -61,8 +62,10 @@ from feedback_lib.training.checkpoint import (
     FORMAT,
     check_checkpoint_path,
     load_checkpoint,
+    load_model_file,
     remove_stale_temporaries,
     save_checkpoint,
+    save_model,
 )
 from feedback_lib.training.data import (
     BatchSampler,
@@ -88,6 +91,9 @@ from feedback_lib.training.schedule import Curriculum
 from feedback_lib.training.signals import stop_on_signals
 
 MODEL_KINDS = ("feedback", "twin", "parallel")
+#: The position tables of the attention, one row per distance, the
+#: nearest last (chapter 2).
+POSITION_TABLES = ("key_pos_embeddings", "key_pos_bias")
 #: Fields of a TrainConfig that may change when a run resumes (they do not
 # change what is computed).
 RUNTIME_FIELDS = (
@@ -156,7 +162,7 @@ class TrainConfig:
     dropout: float = _option(
         0.0,
         "dropout (above 0 the feedback model runs its readable loop, "
-        "slower: 2.4x in chapter 7's run)",
+        "slower: 2.3x in chapter 12's run)",
     )
     mem_len: int | None = _option(
         None,
@@ -455,6 +461,69 @@ class TrainResult:
         )
         return self.tokenizer.decode(out[0].cpu())
 
+    def save_model(self, path: str | os.PathLike) -> Path:
+        """Keep the trained model in ``path``, with its SHA-256 in
+        ``<path>.sha256`` (chapter 8 stores the model chapter 9 generates
+        with). It leaves out the optimizer's state and, for a feedback
+        model with a ``mem_len``, the rows of the position tables that its
+        memory never reaches (distances beyond ``mem_len``): chapter 8's
+        model keeps 3 of its 11 megabytes."""
+        part = model_part(
+            self.config, self.tokenizer, self.model, self.history
+        )
+        if self.config.model == "feedback" and self.config.mem_len:
+            keep = self.config.mem_len
+            # copies: torch.save would write a view's whole storage
+            part["model"] = {
+                k: v[-keep:].clone() if k.endswith(POSITION_TABLES) else v
+                for k, v in part["model"].items()
+            }
+        return save_model(path, part)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainResult:
+        """The run :meth:`save_model` kept in ``path``, on the CPU in eval
+        mode, once the file matches its SHA-256. Position-table rows left
+        out (distances beyond ``mem_len``) are zeros: the model never
+        reads them."""
+        state = load_model_file(path)
+        model = build_model(state["model_kind"], state["model_config"])
+        full = model.state_dict()
+        weights = {
+            k: torch.cat([torch.zeros_like(full[k][len(v) :]), v])
+            if k.endswith(POSITION_TABLES) and len(v) < len(full[k])
+            else v
+            for k, v in state["model"].items()
+        }
+        model.load_state_dict(weights)
+        return cls(
+            model.eval(),
+            CharTokenizer(state["tokenizer"]),
+            History(**state["history"]),
+            TrainConfig(**state["config"]),
+        )
+
+
+def model_part(
+    config: TrainConfig,
+    tokenizer: CharTokenizer,
+    model: nn.Module,
+    history: History,
+) -> dict:
+    """What a checkpoint and a trained model's file both hold
+    (:data:`~feedback_lib.training.checkpoint.MODEL_KEYS`): the settings,
+    the model's kind, configuration and weights, the tokenizer's
+    characters and the history."""
+    return dict(
+        format=FORMAT,
+        config=dataclasses.asdict(config),
+        model_kind=config.model,
+        model_config=config.model_config(tokenizer.n_vocab),
+        tokenizer=tokenizer.chars,
+        model=model.state_dict(),
+        history=dataclasses.asdict(history),
+    )
+
 
 def build_model(kind: str, model_config: dict) -> nn.Module:
     """A fresh model of ``kind`` (see :data:`MODEL_KINDS`)."""
@@ -626,35 +695,163 @@ class _Stop(Exception):
     """Raised by ``train``'s batches once a stop was requested."""
 
 
-def train(
-    config: TrainConfig,
-    *,
-    text: str | None = None,
-    stop: threading.Event | None = None,
-) -> TrainResult:
-    """Train the model ``config`` describes; returns it with its tokenizer
-    and history (the command line of chapter 8 calls it).
+@dataclass
+class Run:
+    """What a training run carries from step to step (chapter 8): the
+    model, its optimizer, schedule and scaler, where it runs, its data and
+    its history. :func:`train` builds it and hands :func:`fit` its
+    ``batch_at`` and ``after_step``; its other methods resume, validate
+    and checkpoint."""
 
-    ``text`` overrides the training text (tests use a small one); by default
-    Tiny Shakespeare is read from ``config.data`` (see
-    :func:`~feedback_lib.training.data.shakespeare_path`).
+    config: TrainConfig
+    tokenizer: CharTokenizer
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    place: distributed.Distributed
+    device: torch.device
+    sampler: BatchSampler
+    curriculum: Curriculum
+    # the validation windows and their targets, [eval_windows, longest]
+    windows: tuple[torch.Tensor, torch.Tensor]
+    stop: threading.Event | None = None
+    history: History = field(default_factory=History)
+    start: int = 0  # the steps done before this call of train
+    saved: int | None = None  # the step of the checkpoint on disk
+    bar: object = None  # the progress bar, once training runs
 
-    Every setting that cannot work raises :class:`ConfigError` before the
-    work it would spoil: the device, the checkpoint path and the
-    checkpoints to read are checked before the text is read, the lengths
-    against the text before the model is built.
+    def restore(self, state: dict) -> None:
+        """Continue from the checkpoint ``state`` (``resume``): the
+        weights, the optimizer's moments, the schedule, the scaler, the
+        history, the step and the random state."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # a float16 run resumed in float16
+        if state["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.history = History(**state["history"])
+        self.start = self.saved = state["step"]
+        rng, device = state["rng"], self.device
+        torch.set_rng_state(rng["cpu"])
+        if device.type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        if device.type == "mps" and rng.get("mps") is not None:
+            torch.mps.set_rng_state(rng["mps"])
 
-    ``stop`` (set by a signal handler, as in :func:`main`, or by another
-    thread) ends the run before its next step: it writes a checkpoint of
-    the steps done when ``config.checkpoint`` is set (so that ``resume``
-    continues exactly) and returns with ``stopped=True``. A non-finite
-    training or validation loss raises ``FloatingPointError`` before it is
-    checkpointed, saying which checkpoint is kept.
-    """
-    if not isinstance(config, TrainConfig):
-        raise TypeError(
-            f"config must be a TrainConfig, got {type(config).__name__}"
+    def state(self, step: int) -> dict:
+        """Everything :meth:`restore` needs to continue after ``step``,
+        as plain containers and tensors (``weights_only`` loads it)."""
+        device = self.device
+        return dict(
+            **model_part(
+                self.config, self.tokenizer, self.model, self.history
+            ),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            step=step,
+            rng=dict(
+                cpu=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state(device)
+                if device.type == "cuda"
+                else None,
+                mps=torch.mps.get_rng_state()
+                if device.type == "mps"
+                else None,
+            ),
         )
+
+    def save(self, step: int) -> None:
+        """Write the checkpoint of ``step`` (the main process only), if
+        the run has a checkpoint path."""
+        if not self.config.checkpoint:
+            return
+        if self.place.is_main:
+            remove_stale_temporaries(self.config.checkpoint)
+            save_checkpoint(self.config.checkpoint, self.state(step))
+        self.saved = step
+
+    def validate(self, step: int) -> None:
+        """The validation loss after ``step``, appended to the history."""
+        history, config, place = self.history, self.config, self.place
+        val = evaluate(
+            self.model, self.windows, self.precision, place, self.device
+        )
+        if not math.isfinite(val):  # advice as fit's on the training loss
+            advice = f"lower the learning rate (its peak is {config.lr:g})"
+            if not config.grad_clip:
+                advice += " or clip the gradients (grad_clip)"
+            raise FloatingPointError(
+                f"the validation loss became {val} at step {step}; {advice}"
+            )
+        history.val_step.append(step)
+        history.val_tokens.append(
+            history.tokens[-1] if history.tokens else 0
+        )
+        history.val_seconds.append(
+            history.seconds[-1] if history.seconds else 0.0
+        )
+        history.val_loss.append(val)
+        if config.log and place.is_main:
+            print(_log_line(history, step), flush=True)
+
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's rows of the global batch of ``step``, at the
+        curriculum's length, on the device: ``x, y [rows, seq_len]``."""
+        # every process stops before the same step
+        if self.stop is not None and self.place.any(
+            self.stop.is_set(), self.device
+        ):
+            raise _Stop
+        config = self.config
+        seq_len = self.curriculum.seq_len(step, config.steps)
+        rows = config.batch_tokens // seq_len  # of the global batch
+        mine = self.place.rows(rows)
+        x, y = self.sampler.batch(step, rows, seq_len, mine)
+        return to_device(x, self.device), to_device(y, self.device)
+
+    def after_step(self, report: StepReport) -> None:
+        """Record the step in the history; validate every ``eval_every``
+        steps and checkpoint every ``checkpoint_every``, both at the end."""
+        history, config = self.history, self.config
+        seq_len = report.batch[0].shape[1]
+        seconds = history.seconds[-1] if history.seconds else 0.0
+        tokens = history.tokens[-1] if history.tokens else 0
+        for name, value in (
+            ("step", report.step),
+            # all processes' tokens
+            ("tokens", tokens + config.batch_tokens // seq_len * seq_len),
+            ("seconds", seconds + report.seconds),
+            ("loss", report.loss),
+            ("lr", report.lr),
+            ("seq_len", seq_len),
+        ):
+            getattr(history, name).append(value)
+        last = report.step == config.steps
+        postfix = dict(
+            loss=f"{report.loss:.3f}",
+            tok_s=f"{history.tokens_per_second():,.0f}",
+        )
+        self.bar.update(1)
+        self.bar.set_postfix(postfix, refresh=False)
+        if report.step % config.eval_every == 0 or last:
+            self.validate(report.step)
+            val = f"{history.val_loss[-1]:.3f}"
+            self.bar.set_postfix(val=val, **postfix)
+        every = config.checkpoint_every
+        if last or (every and report.step % every == 0):
+            self.save(report.step)
+
+
+def prepare_run(
+    config: TrainConfig, text: str | None, stop: threading.Event | None
+) -> tuple[Run, dict | None, dict | None]:
+    """Check the settings, read the data and build the run (the first
+    part of :func:`train`); returns the run with the checkpoints to resume
+    from and to start from (None where there is none)."""
     device, precision = _device_and_precision(config)
     resumed, initial = _read_checkpoints(config)
     with _setting("device"):
@@ -694,10 +891,6 @@ def train(
             "the checkpoint holds a model of another shape: "
             f"{initial['model_config']}, this run builds {model_config}",
         )
-    sampler = BatchSampler(train_ids, config.seed)
-    windows = BatchSampler(val_ids).windows(
-        curriculum.longest, config.eval_windows
-    )
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, model_config).to(device)
@@ -710,188 +903,109 @@ def train(
         min_lr_ratio=config.min_lr_ratio,
         fused=device.type in ("cpu", "cuda"),
     )
-    scaler = precision.scaler()
-    history, start = History(), 0
+    run = Run(
+        config=config,
+        tokenizer=tokenizer,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=precision.scaler(),
+        precision=precision,
+        place=place,
+        device=device,
+        sampler=BatchSampler(train_ids, config.seed),
+        curriculum=curriculum,
+        windows=BatchSampler(val_ids).windows(
+            curriculum.longest, config.eval_windows
+        ),
+        stop=stop,
+    )
+    return run, resumed, initial
 
+
+def train(
+    config: TrainConfig,
+    *,
+    text: str | None = None,
+    stop: threading.Event | None = None,
+) -> TrainResult:
+    """Train the model ``config`` describes; returns it with its tokenizer
+    and history (the command line of chapter 8 calls it).
+
+    ``text`` overrides the training text (tests use a small one); by default
+    Tiny Shakespeare is read from ``config.data`` (see
+    :func:`~feedback_lib.training.data.shakespeare_path`).
+
+    Every setting that cannot work raises :class:`ConfigError` before the
+    work it would spoil: the device, the checkpoint path and the
+    checkpoints to read are checked before the text is read, the lengths
+    against the text before the model is built.
+
+    ``stop`` (set by a signal handler, as in :func:`main`, or by another
+    thread) ends the run before its next step: it writes a checkpoint of
+    the steps done when ``config.checkpoint`` is set (so that ``resume``
+    continues exactly) and returns with ``stopped=True``. A non-finite
+    training or validation loss raises ``FloatingPointError`` before it is
+    checkpointed, saying which checkpoint is kept.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(
+            f"config must be a TrainConfig, got {type(config).__name__}"
+        )
+    run, resumed, initial = prepare_run(config, text, stop)
     if resumed is not None:
-        state = resumed
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        # a float16 run resumed in float16
-        if state["scaler"] and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        history, start = History(**state["history"]), state["step"]
-        torch.set_rng_state(state["rng"]["cpu"])
-        if device.type == "cuda" and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        if device.type == "mps" and state["rng"].get("mps") is not None:
-            torch.mps.set_rng_state(state["rng"]["mps"])
+        run.restore(resumed)
     elif initial is not None:
         if initial["model_kind"] == config.model:
-            model.load_state_dict(initial["model"])
+            run.model.load_state_dict(initial["model"])
         else:  # the warm start: a twin's weights
-            load_twin_weights(model, initial["model"])
-    # the step of the checkpoint on disk, once there is one
-    saved = start if resumed is not None else None
-
-    def save(step: int) -> None:
-        nonlocal saved
-        if not config.checkpoint:
-            return
-        if place.is_main:
-            remove_stale_temporaries(config.checkpoint)
-            save_checkpoint(
-                config.checkpoint,
-                dict(
-                    format=FORMAT,
-                    config=dataclasses.asdict(config),
-                    model_kind=config.model,
-                    model_config=model_config,
-                    tokenizer=tokenizer.chars,
-                    model=model.state_dict(),
-                    optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(),
-                    scaler=scaler.state_dict(),
-                    step=step,
-                    rng=dict(
-                        cpu=torch.get_rng_state(),
-                        cuda=torch.cuda.get_rng_state(device)
-                        if device.type == "cuda"
-                        else None,
-                        mps=torch.mps.get_rng_state()
-                        if device.type == "mps"
-                        else None,
-                    ),
-                    history=dataclasses.asdict(history),
-                ),
-            )
-        saved = step
-
-    wrapped = model
-    if place.enabled:
-        wrapped = nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-        )
-
-    def validate(step: int) -> None:
-        val = evaluate(model, windows, precision, place, device)
-        if not math.isfinite(val):  # advice as fit's on the training loss
-            advice = f"lower the learning rate (its peak is {config.lr:g})"
-            if not config.grad_clip:
-                advice += " or clip the gradients (grad_clip)"
-            raise FloatingPointError(
-                f"the validation loss became {val} at step {step}; {advice}"
-            )
-        history.val_step.append(step)
-        history.val_tokens.append(
-            history.tokens[-1] if history.tokens else 0
-        )
-        history.val_seconds.append(
-            history.seconds[-1] if history.seconds else 0.0
-        )
-        history.val_loss.append(val)
-        if config.log and place.is_main:
-            print(_log_line(history, step), flush=True)
-
-    def batch_at(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # every process stops before the same step
-        if stop is not None and place.any(stop.is_set(), device):
-            raise _Stop
-        seq_len = curriculum.seq_len(step, config.steps)
-        rows = config.batch_tokens // seq_len  # of the global batch
-        x, y = sampler.batch(step, rows, seq_len, place.rows(rows))
-        return to_device(x, device), to_device(y, device)
-
-    seconds, tokens = (
-        (history.seconds[-1], history.tokens[-1])
-        if history.step
-        else (0.0, 0)
-    )
-
-    def after_step(report: StepReport) -> None:
-        nonlocal seconds, tokens
-        seq_len = report.batch[0].shape[1]
-        seconds += report.seconds
-        # all processes' tokens
-        tokens += config.batch_tokens // seq_len * seq_len
-        for name, value in (
-            ("step", report.step),
-            ("tokens", tokens),
-            ("seconds", seconds),
-            ("loss", report.loss),
-            ("lr", report.lr),
-            ("seq_len", seq_len),
-        ):
-            getattr(history, name).append(value)
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{report.loss:.3f}",
-            tok_s=f"{history.tokens_per_second():,.0f}",
-            refresh=False,
-        )
-        if (
-            report.step % config.eval_every == 0
-            or report.step == config.steps
-        ):
-            validate(report.step)
-            bar.set_postfix(
-                loss=f"{report.loss:.3f}",
-                val=f"{history.val_loss[-1]:.3f}",
-                tok_s=f"{history.tokens_per_second():,.0f}",
-            )
-        if report.step == config.steps or (
-            config.checkpoint_every
-            and report.step % config.checkpoint_every == 0
-        ):
-            save(report.step)
-
+            load_twin_weights(run.model, initial["model"])
     from tqdm import tqdm
 
-    bar = tqdm(
+    run.bar = tqdm(
         total=config.steps,
-        initial=start,
-        disable=not (config.progress and place.is_main),
+        initial=run.start,
+        disable=not (config.progress and run.place.is_main),
         desc=config.model,
         unit="step",
         mininterval=1.0,
     )
     stopped = False
     try:
-        if start == 0:
-            validate(0)
+        if run.start == 0:
+            run.validate(0)
         fit(
-            wrapped,
-            batch_at,
+            run.place.wrap(run.model, run.device),
+            run.batch_at,
             steps=config.steps,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            precision=precision,
-            scaler=scaler,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            precision=run.precision,
+            scaler=run.scaler,
             grad_clip=config.grad_clip,
-            start=start,
-            place=place,
-            after_step=after_step,
+            start=run.start,
+            place=run.place,
+            after_step=run.after_step,
         )
     except _Stop:
         stopped = True
-        done = history.step[-1] if history.step else 0
-        if done > start and saved != done:
-            save(done)
+        done = run.history.step[-1] if run.history.step else 0
+        if done > run.start and run.saved != done:
+            run.save(done)
     except FloatingPointError as error:
         kept = (
-            f"the checkpoint {config.checkpoint!r} keeps step {saved}"
-            if saved is not None
+            f"the checkpoint {config.checkpoint!r} keeps step {run.saved}"
+            if run.saved is not None
             else "no checkpoint was written"
         )
-        raise FloatingPointError(
-            f"{error}; {_guards(config, precision, scaler)}; {kept}"
-        ) from None
+        guards = _guards(config, run.precision, run.scaler)
+        raise FloatingPointError(f"{error}; {guards}; {kept}") from None
     finally:
-        bar.close()
-    model.eval()
-    return TrainResult(model, tokenizer, history, config, stopped)
+        run.bar.close()
+    run.model.eval()
+    return TrainResult(
+        run.model, run.tokenizer, run.history, config, stopped
+    )
 
 
 def _log_line(history: History, step: int) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,17 @@ class Distributed:
         value = torch.tensor(float(flag), device=on)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """``model`` for the training step: in a distributed run wrapped in
+        DistributedDataParallel, which averages the gradients over the
+        processes during the backward pass; else ``model`` itself."""
+        if not self.enabled:
+            return model
+        return nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+        )
 
 
 def launched() -> Distributed:

@@ -8,9 +8,9 @@ chapter. A screenshot of each page is kept in ``_build/screenshots/``. On a phon
 CSS pixels), the menu button opens the chapter list on every page and the page-contents button shows
 the sections of every chapter. At 1280 px and at 375 px nothing scrolls sideways: no code or output
 block, table or displayed equation, and not the page; at 1280 px a code cell's lines fit without
-wrapping (scripts/site_static holds the layout rules that make this so). The text of every SVG
-diagram is drawn at 9 CSS pixels or more at both widths, and a printed chapter shows its solutions
-and cuts no code.
+wrapping (scripts/site_static holds the layout rules that make this so). The text of every figure,
+SVG diagram or matplotlib PNG, is shown at 9 CSS pixels or more at both widths, and a printed
+chapter shows its solutions and cuts no code.
 
 The site must be built first (``make book``; ``make test`` builds it before running this file).
 Chromium and ChromeDriver come from Debian's ``chromium`` and ``chromium-driver`` packages
@@ -481,34 +481,47 @@ def test_printing_shows_every_solution_and_cuts_no_code(page, driver, base_url, 
 MIN_TEXT_PX = 9
 #: The font sizes an SVG diagram sets: attributes (font-size="14") and style rules (font-size: 12px).
 SVG_FONT_SIZE = re.compile(r'font-size(?:="|:\s*)(\d+(?:\.\d+)?)')
-DIAGRAMS = """
+FIGURES = """
 return Array.from(document.querySelectorAll("article img"))
-  .filter(img => new URL(img.src).pathname.endsWith(".svg"))
+  .filter(img => img.getClientRects().length > 0)  // not in a closed solution
   .map(img => ({src: img.src, width: img.getBoundingClientRect().width}));
 """
 
 
-def _smallest_diagram_text(driver, base_url: str, site: Path, page: str) -> list[str]:
-    """The diagrams of ``page`` whose smallest text is drawn below MIN_TEXT_PX."""
+def _smallest_figure_text(driver, base_url: str, site: Path, page: str) -> list[str]:
+    """The figures of ``page`` whose smallest text is shown below MIN_TEXT_PX. An SVG diagram
+    states its font sizes in its own units (its viewBox); a PNG figure records its resolution and
+    its smallest font in points (feedback_lib.book.style), so that font is drawn at
+    ``points * dpi / 72`` image pixels, which the page scales by shown width / image width."""
+    from feedback_lib.book import style
+
     driver.get(base_url + page)
     small = []
-    for image in driver.execute_script(DIAGRAMS):
-        svg = (site / unquote(urlsplit(image["src"]).path).lstrip("/")).read_text()
-        view_width = float(re.search(r'viewBox="[\d.]+ [\d.]+ ([\d.]+)', svg).group(1))
-        smallest = min(float(size) for size in SVG_FONT_SIZE.findall(svg))
-        shown = smallest * image["width"] / view_width
+    for image in driver.execute_script(FIGURES):
+        path = site / unquote(urlsplit(image["src"]).path).lstrip("/")
+        if path.suffix == ".svg":
+            svg = path.read_text()
+            width = float(re.search(r'viewBox="[\d.]+ [\d.]+ ([\d.]+)', svg).group(1))
+            smallest = min(float(size) for size in SVG_FONT_SIZE.findall(svg))
+        else:
+            info = style.png_info(path.read_bytes())
+            if info["font"] is None or info["dpi"] is None:
+                small.append(f"{image['src']}: no record of its smallest font and resolution")
+                continue
+            width, smallest = info["width"], info["font"] * info["dpi"] / 72
+        shown = smallest * image["width"] / width
         if shown < MIN_TEXT_PX:
             small.append(f"{image['src']}: {shown:.1f} px")
     return small
 
 
 @pytest.mark.parametrize("page", [f"{name}.html" for name in DOCUMENTS])
-def test_diagram_text_is_legible_on_a_laptop_and_a_phone(page, driver, base_url, site):
-    small = _smallest_diagram_text(driver, base_url, site, page)
-    assert not small, f"{page} at 1280 px: diagram text below {MIN_TEXT_PX} px: {small}"
+def test_figure_text_is_legible_on_a_laptop_and_a_phone(page, driver, base_url, site):
+    small = _smallest_figure_text(driver, base_url, site, page)
+    assert not small, f"{page} at 1280 px: figure text below {MIN_TEXT_PX} px: {small}"
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", PHONE)
     try:
-        small = _smallest_diagram_text(driver, base_url, site, page)
+        small = _smallest_figure_text(driver, base_url, site, page)
     finally:
         driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
-    assert not small, f"{page} at 375 px: diagram text below {MIN_TEXT_PX} px: {small}"
+    assert not small, f"{page} at 375 px: figure text below {MIN_TEXT_PX} px: {small}"
