@@ -293,6 +293,8 @@ def exits_with(code: int, args: list[str]) -> None:
 def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(capsys, monkeypatch, tiny, tmp_path):
     path = str(tmp_path / "run.pt")
     args = [*tiny, "--steps", "4", "--eval-every", "2"]
+    # Python's default handler, or SIG_IGN where the shell started pytest in the background
+    before = signal.getsignal(signal.SIGINT)
     uninterrupted = main(args).history
     kill_self_at(monkeypatch, 2)
     exits_with(130, [*args, "--checkpoint", path])
@@ -301,7 +303,7 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(capsys, monkeypatch, ti
     assert f"interrupted at step 3 of 4; checkpoint at step 3: {path}; continue with: " in err
     assert err.rstrip().endswith(f"--checkpoint {path} --resume") and "Traceback" not in err
     assert checkpoint.load_checkpoint(path)["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
     monkeypatch.undo()
     resumed = main([*args, "--checkpoint", path, "--resume"]).history
     assert resumed.step == uninterrupted.step
