@@ -22,7 +22,8 @@ The tree shows the architecture:
   algorithmic task with their multi-seed runs (chapter 10), sequence
   reversal (chapter 11);
 * ``book``: the chapters' helpers: figures, widgets, showing source, the
-  information-flow graphs, the fast mode, random parameters;
+  information-flow graphs, the fast mode, random parameters, the checks
+  of the build-it-yourself exercises;
 * ``bench``: ``python -m feedback_lib.bench``, speed and memory;
 * ``checks`` (the input checks of the public entry points) and ``lazy``
   (subpackages imported on first use, so that ``import feedback_lib``
