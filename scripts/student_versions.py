@@ -9,7 +9,9 @@ dropdowns):
 - code that answers an exercise is a cell tagged ``solution``.
 
 The student version drops every solution block, replaces every ``solution``
-cell with an empty cell that asks for the reader's answer, clears all
+cell with an empty cell that asks for the reader's answer (or drops it
+where it follows a build-it-yourself skeleton, which is where the student
+writes, and which the check cell after it tests), clears all
 outputs (students run the notebook themselves) and opens with a note that
 says where it came from. The website's build writes them to
 ``_build/html/student/`` with a zip of all of them
@@ -35,6 +37,10 @@ SOLUTION_OPENING = re.compile(r"^(:{3,})\{admonition\}\s+Solution\b")
 #: The tag of code cells that answer an exercise.
 SOLUTION_TAG = "solution"
 ANSWER_CELL = "# Your answer to the exercise above.\n"
+#: What a build-it-yourself exercise's skeleton cell raises until the
+#: student fills it in; its worked solution is dropped without an answer
+#: cell, and the check cell after it stays.
+SKELETON = "raise NotImplementedError"
 ZIP_NAME = "feedback-transformer-student-notebooks.zip"
 HEADER = (
     "**Student version.** The solutions of the exercises are removed and "
@@ -68,13 +74,16 @@ def student_notebook(notebook: dict, url: str) -> dict:
     """The student version of one chapter notebook of the book at repository
     ``url`` (the input is left unchanged)."""
     student = copy.deepcopy(notebook)
-    cells = []
+    cells, skeleton = [], False  # is the last code cell a skeleton?
     for cell in student["cells"]:
         source = "".join(cell["source"])
         if cell["cell_type"] == "code":
             if SOLUTION_TAG in cell["metadata"].get("tags", []):
+                if skeleton:  # the student writes in the skeleton above
+                    continue
                 source = ANSWER_CELL
                 cell["metadata"] = {}
+            skeleton = SKELETON in source
             cell["outputs"], cell["execution_count"] = [], None
             cell["metadata"].pop("execution", None)
         elif cell["cell_type"] == "markdown" and any(

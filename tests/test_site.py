@@ -65,6 +65,10 @@ def test_student_notebook_drops_solutions_and_outputs():
             _cell(
                 "markdown", ":::{admonition} Solution\n:class: dropdown\n\nOnly a solution.\n:::"
             ),
+            _cell("markdown", "**Exercise 2.** Build it yourself."),
+            _cell("code", "def f():\n    raise NotImplementedError"),
+            _cell("code", "def f():\n    return 2", metadata={"tags": ["hide-cell", "solution"]}),
+            _cell("code", "fl.book.exercises.check_f(f)"),
         ],
     }
     student = student_versions.student_notebook(notebook, "https://example.org/book")
@@ -74,6 +78,9 @@ def test_student_notebook_drops_solutions_and_outputs():
         "import feedback_lib",
         "**Exercise 1.** Compute it.",
         student_versions.ANSWER_CELL,
+        "**Exercise 2.** Build it yourself.",
+        "def f():\n    raise NotImplementedError",  # the student writes here
+        "fl.book.exercises.check_f(f)",  # and checks it; the worked solution is gone
     ]
     assert all(
         cell["outputs"] == [] and cell["execution_count"] is None
@@ -91,11 +98,12 @@ def test_student_version_of_each_chapter(path):
     text = json.dumps(student)
     assert "{admonition} Solution" not in text and '"solution"' not in text
     assert not any(cell.get("outputs") for cell in student["cells"])
-    answers = sum("solution" in cell["metadata"].get("tags", []) for cell in chapter["cells"])
-    assert (
-        sum("".join(c["source"]) == student_versions.ANSWER_CELL for c in student["cells"])
-        == answers
-    )
+    solutions = sum("solution" in cell["metadata"].get("tags", []) for cell in chapter["cells"])
+    code = ["".join(c["source"]) for c in student["cells"] if c["cell_type"] == "code"]
+    skeletons = [i for i, source in enumerate(code) if student_versions.SKELETON in source]
+    # a build-it-yourself exercise: the skeleton, then at once its check
+    assert all(code[i + 1].startswith("fl.book.exercises.check_") for i in skeletons)
+    assert code.count(student_versions.ANSWER_CELL) == solutions - len(skeletons)
     # Every piece of prose outside the solutions is kept, in order, exercises included.
     prose = [
         student_versions.strip_solutions("".join(cell["source"]))
