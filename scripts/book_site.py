@@ -15,6 +15,10 @@
 - **Browser hygiene.** One copy of each inline script (see
   :func:`_drop_repeated_scripts`), a colour mode for the theme, and
   ``/favicon.ico``, so that no page logs an error in the console.
+- **Publishing.** ``html_baseurl`` (the pages' canonical address) and the
+  footer's licence links come from ``_config.yml``'s ``repository``: a
+  repository ``https://github.com/OWNER/NAME`` is published by the
+  workflow ``.github/workflows/book.yml`` at ``https://OWNER.github.io/NAME/``.
 - **Student versions.** After a successful build,
   ``scripts/student_versions.py`` writes every chapter without its solutions
   to ``student/`` in the output, with a zip; the teaching guide lists them
@@ -292,7 +296,42 @@ class StudentVersions(SphinxDirective):
         ]
 
 
+def pages_url(repository_url: str) -> str:
+    """Where GitHub Pages publishes the repository ``repository_url``
+    (``https://github.com/OWNER/NAME``): ``https://OWNER.github.io/NAME/``.
+    """
+    match = re.fullmatch(
+        r"https://github\.com/([\w.-]+)/([\w.-]+?)(?:\.git)?/?",
+        repository_url,
+    )
+    if match is None:
+        raise ValueError(
+            "repository.url in _config.yml must be a GitHub repository "
+            f"https://github.com/OWNER/NAME, got {repository_url!r}"
+        )
+    owner, name = match.groups()
+    return f"https://{owner.lower()}.github.io/{name}/"
+
+
+def licence_footer(repository_url: str, branch: str) -> str:
+    """The footer of every page: the licences of the text and the code."""
+    files = f"{repository_url}/blob/{branch}"
+    return (
+        '<p class="book-licence">Text and figures: <a href='
+        '"https://creativecommons.org/licenses/by/4.0/">CC BY 4.0</a> '
+        f'(<a href="{files}/LICENSE-text.md">LICENSE-text.md</a>). Code: '
+        f'<a href="{files}/LICENSE">MIT</a>.</p>'
+    )
+
+
 def _configure(app: Sphinx, config) -> None:
+    url, branch = colab_cells.repository(Path(app.srcdir))
+    # The canonical address of every page, where the workflow publishes it.
+    config.html_baseurl = config.html_baseurl or pages_url(url)
+    config.html_theme_options = {
+        **config.html_theme_options,
+        "extra_footer": licence_footer(url, branch),
+    }
     config.html_extra_path = [
         *config.html_extra_path,
         str(mathjax_folder()),

@@ -3,8 +3,8 @@
 Each page is loaded once (:func:`visit`); the tests then check what the browser saw: math typeset by
 the site's own MathJax with no TeX errors and no raw TeX left in the prose, every image loaded,
 nothing fetched from another host, no console errors, no widget placeholder, each cell's printed
-lines in one block, every internal link and anchor resolving, and a well-formed Colab link on every
-chapter. A screenshot of each page is kept in ``_build/screenshots/``. On a phone's viewport (375
+lines in one block, every internal link and anchor resolving, well-formed Colab and Binder links on
+every chapter, and the licences of the text and the code in every page's footer. A screenshot of each page is kept in ``_build/screenshots/``. On a phone's viewport (375
 CSS pixels), the menu button opens the chapter list on every page and the page-contents button shows
 the sections of every chapter. At 1280 px and at 375 px nothing scrolls sideways: no code or output
 block, table or displayed equation, and not the page; at 1280 px a code cell's lines fit without
@@ -299,6 +299,23 @@ def test_chapter_has_a_well_formed_colab_link(page, driver, base_url, site):
     ]
     assert links == [expected], f"{page}: Colab links {links}, expected [{expected}]"
     assert (ROOT / f"{page.removesuffix('.html')}.ipynb").is_file()
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_chapter_has_a_well_formed_binder_link(page, driver, base_url, site):
+    url, branch = colab_cells.repository(ROOT)
+    owner_repo = urlsplit(url).path.strip("/")
+    notebook = f"{page.removesuffix('.html')}.ipynb"
+    expected = f"https://mybinder.org/v2/gh/{owner_repo}/{branch}?urlpath=tree/{notebook}"
+    links = [link for link in visit(page, driver, base_url).data["links"] if "mybinder.org" in link]
+    assert links == [expected], f"{page}: Binder links {links}, expected [{expected}]"
+
+
+def test_every_page_names_the_licences_in_its_footer(driver, base_url, site):
+    for page in PAGES:
+        links = visit(page, driver, base_url).data["links"]
+        assert "https://creativecommons.org/licenses/by/4.0/" in links, page
+        assert any(link.endswith("/LICENSE") for link in links), page
 
 
 def test_every_page_has_a_screenshot(driver, base_url, site):
