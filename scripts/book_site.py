@@ -23,6 +23,9 @@
   ``scripts/student_versions.py`` writes every chapter without its solutions
   to ``student/`` in the output, with a zip; the teaching guide lists them
   with the ``{student-versions}`` directive, the navigation does not.
+- **Slides.** After a successful build, ``scripts/slides.py`` writes a
+  reveal.js deck of every chapter's marked cells to ``slides/``; the
+  teaching guide lists them with the ``{slide-decks}`` directive.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from importlib import metadata
 from pathlib import Path
 
 import colab_cells
+import slides
 import student_versions
 from docutils import nodes
 from sphinx import addnodes
@@ -50,6 +54,8 @@ LAYOUT_CSS = "book_layout.css"
 LAYOUT_JS = "book_layout.js"
 #: Where the student versions go, relative to the HTML output folder.
 STUDENT_DIR = "student"
+#: Where the slide decks go, relative to the HTML output folder.
+SLIDES_DIR = "slides"
 #: Code that moves a chapter's work to a GPU when there is one.
 GPU_CODE = r"""device\s*=\s*["']auto["']|cuda\.is_available\(\)"""
 
@@ -324,6 +330,25 @@ def licence_footer(repository_url: str, branch: str) -> str:
     )
 
 
+class SlideDecks(SphinxDirective):
+    """A list of links to the chapters' slide decks (written by the build,
+    not in the navigation)."""
+
+    def run(self) -> list[nodes.Node]:
+        to_root = "../" * self.env.docname.count("/")
+        items = "".join(
+            f'<li><a class="reference external" href="{to_root}'
+            f'{SLIDES_DIR}/{path.stem}{slides.SUFFIX}">'
+            f"{slides.title(json.loads(path.read_text()), path)}</a></li>"
+            for path in colab_cells.chapter_notebooks(Path(self.env.srcdir))
+        )
+        return [
+            nodes.raw(
+                "", f'<ul class="slide-decks">{items}</ul>', format="html"
+            )
+        ]
+
+
 def _configure(app: Sphinx, config) -> None:
     url, branch = colab_cells.repository(Path(app.srcdir))
     # The canonical address of every page, where the workflow publishes it.
@@ -375,6 +400,7 @@ def _finish(app: Sphinx, exception: Exception | None) -> None:
         student_versions.write_student_versions(
             outdir / STUDENT_DIR, Path(app.srcdir)
         )
+        slides.write_decks(outdir / SLIDES_DIR, Path(app.srcdir))
         if app.config.html_favicon:
             shutil.copyfile(
                 outdir / "_static" / Path(app.config.html_favicon).name,
@@ -392,4 +418,5 @@ def setup(app: Sphinx) -> dict:
     app.add_js_file(LAYOUT_JS)
     app.add_directive("execution-status", ExecutionStatus)
     app.add_directive("student-versions", StudentVersions)
+    app.add_directive("slide-decks", SlideDecks)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

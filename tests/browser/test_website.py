@@ -4,7 +4,8 @@ Each page is loaded once (:func:`visit`); the tests then check what the browser 
 the site's own MathJax with no TeX errors and no raw TeX left in the prose, every image loaded,
 nothing fetched from another host, no console errors, no widget placeholder, each cell's printed
 lines in one block, every internal link and anchor resolving, well-formed Colab and Binder links on
-every chapter, and the licences of the text and the code in every page's footer. A screenshot of each page is kept in ``_build/screenshots/``. On a phone's viewport (375
+every chapter, and the licences of the text and the code in every page's footer. Every chapter's
+slide deck opens offline, with reveal.js ready and its math typeset, and the teaching guide links it. A screenshot of each page is kept in ``_build/screenshots/``. On a phone's viewport (375
 CSS pixels), the menu button opens the chapter list on every page and the page-contents button shows
 the sections of every chapter. At 1280 px and at 375 px nothing scrolls sideways: no code or output
 block, table or displayed equation, and not the page; at 1280 px a code cell's lines fit without
@@ -322,7 +323,46 @@ def test_every_page_has_a_screenshot(driver, base_url, site):
     for page in PAGES:
         visit(page, driver, base_url)
     shots = {path.name for path in SCREENSHOTS.glob("*.png") if path.stat().st_size > 0}
-    assert shots == {_screenshot_name(page) for page in PAGES}, shots
+    pages = {name for name in shots if not name.startswith("slides__")}  # the decks' own below
+    assert pages == {_screenshot_name(page) for page in PAGES}, shots
+
+
+#: The chapters' slide decks (scripts/slides.py), written next to the site by its build.
+DECKS = [f"slides/{path.stem}.slides.html" for path in colab_cells.chapter_notebooks(ROOT)]
+
+DECK_STATE = r"""
+const done = arguments[arguments.length - 1];
+const report = () => done({
+  ready: !!(window.Reveal && Reveal.isReady()),
+  slides: window.Reveal ? Reveal.getTotalSlides() : 0,
+  typeset: document.querySelectorAll("mjx-container").length,
+  tex_errors: Array.from(document.querySelectorAll("mjx-merror")).map(e => e.textContent.slice(0, 80)),
+  text: document.querySelector(".reveal").innerText,
+});
+const wait = () => (window.Reveal && Reveal.isReady() ? Promise.resolve() : new Promise(r => setTimeout(r, 100)).then(wait));
+Promise.all([wait(), window.MathJax && MathJax.startup ? MathJax.startup.promise : null]).then(report, report);
+"""
+
+
+@pytest.mark.parametrize("deck", DECKS)
+def test_slide_deck_opens_offline_with_its_math_typeset(deck, driver, base_url, site):
+    report = visit(deck, driver, base_url)
+    errors = [entry["message"] for entry in report.console if entry["level"] == "SEVERE"]
+    assert not errors, f"{deck}: console errors: {errors}"
+    # the figures are inside the deck, as data: URLs
+    foreign = [
+        url for url in report.data["resources"] if not url.startswith((base_url, "data:image/"))
+    ]
+    assert not foreign, f"{deck}: loads from other hosts: {foreign}"
+    state = driver.execute_async_script(DECK_STATE)
+    assert state["ready"] and state["slides"] >= 3, f"{deck}: reveal.js not ready: {state}"
+    raw = RAW_TEX.findall(state["text"]) + re.findall(r"\$[^$\s][^$]*\$", state["text"])
+    assert not state["tex_errors"] and not raw, f"{deck}: math not typeset: {raw or state}"
+
+
+def test_the_teaching_guide_links_every_deck(driver, base_url, site):
+    links = visit("book/teaching_guide.html", driver, base_url).data["links"]
+    assert [link for link in links if "/slides/" in link] == [base_url + deck for deck in DECKS]
 
 
 #: A phone's viewport (CSS pixels), emulated through the DevTools protocol so that the page's
