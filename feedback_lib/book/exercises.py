@@ -227,6 +227,14 @@ def check_score_terms(score_terms: Callable) -> Verdict:
 # Chapter 3: one attention step, every index explicit.
 
 
+#: The sizes of the checks of chapters 3 and 4 (one memory of a single entry).
+ATTENTION_CASES = [
+    dict(batch=2, d_model=8, heads=2, seq_len=3, seed=0),
+    dict(batch=1, d_model=12, heads=3, seq_len=1, seed=1),
+    dict(batch=3, d_model=16, heads=4, seq_len=6, seed=2),
+]
+
+
 def _attention_module(
     heads: int, d_model: int, seed: int
 ) -> FeedbackAttention:
@@ -244,11 +252,7 @@ def check_attention_step(attention_step: Callable) -> Verdict:
     ``[seq_len, batch, heads]`` of :class:`~feedback_lib.FeedbackAttention`.
     """
     name = _name(attention_step, "attention_step")
-    cases = [
-        dict(batch=2, d_model=8, heads=2, seq_len=3, seed=0),
-        dict(batch=1, d_model=12, heads=3, seq_len=1, seed=1),
-        dict(batch=3, d_model=16, heads=4, seq_len=6, seed=2),
-    ]
+    cases = ATTENTION_CASES
 
     def run_case(c: dict) -> None:
         module = _attention_module(c["heads"], c["d_model"], c["seed"])
@@ -278,11 +282,7 @@ def check_attention_forward(forward: Callable) -> Verdict:
     gradients it gives the inputs and every parameter.
     """
     name = _name(forward, "forward")
-    cases = [
-        dict(batch=2, d_model=8, heads=2, seq_len=3, seed=0),
-        dict(batch=1, d_model=12, heads=3, seq_len=1, seed=1),
-        dict(batch=3, d_model=16, heads=4, seq_len=6, seed=2),
-    ]
+    cases = ATTENTION_CASES
 
     def gradients(module, inputs, output, weight) -> dict:
         names = ["query", "key", "value"] + [
