@@ -30,6 +30,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -288,7 +289,7 @@ class StudentVersions(SphinxDirective):
         ]
         for path in colab_cells.chapter_notebooks(Path(self.env.srcdir)):
             items.append((f"{to_root}{STUDENT_DIR}/{path.name}", path.name))
-        html = "".join(
+        listing = "".join(
             f'<li><a class="reference download" href="{href}" download>'
             f"{label}</a></li>"
             for href, label in items
@@ -296,7 +297,7 @@ class StudentVersions(SphinxDirective):
         return [
             nodes.raw(
                 "",
-                f'<ul class="student-versions">{html}</ul>',
+                f'<ul class="student-versions">{listing}</ul>',
                 format="html",
             )
         ]
@@ -336,15 +337,19 @@ class SlideDecks(SphinxDirective):
 
     def run(self) -> list[nodes.Node]:
         to_root = "../" * self.env.docname.count("/")
-        items = "".join(
-            f'<li><a class="reference external" href="{to_root}'
-            f'{SLIDES_DIR}/{path.stem}{slides.SUFFIX}">'
-            f"{slides.title(json.loads(path.read_text()), path)}</a></li>"
-            for path in colab_cells.chapter_notebooks(Path(self.env.srcdir))
-        )
+        items = []
+        for path in colab_cells.chapter_notebooks(Path(self.env.srcdir)):
+            title = slides.title(json.loads(path.read_text()), path)
+            items.append(
+                f'<li><a class="reference external" href="{to_root}'
+                f'{SLIDES_DIR}/{path.stem}{slides.SUFFIX}">'
+                f"{html.escape(title)}</a></li>"
+            )
         return [
             nodes.raw(
-                "", f'<ul class="slide-decks">{items}</ul>', format="html"
+                "",
+                f'<ul class="slide-decks">{"".join(items)}</ul>',
+                format="html",
             )
         ]
 
