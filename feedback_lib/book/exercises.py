@@ -632,7 +632,7 @@ def check_cached_decoder(decoder_class: type) -> Verdict:
             end = c["prompt"]
             pieces = [text[:, :end]] + list(text[:, end:].split(1, dim=1))
             for call, tokens in enumerate(pieces):
-                got = _call(f"{name}.step", decoder.step, tokens)
+                got = _call(f"{name}.read", decoder.step, tokens)
                 end_ = sum(p.shape[1] for p in pieces[: call + 1])
                 compare(
                     f"the logits after call {call} ({end_} tokens read)",
