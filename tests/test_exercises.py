@@ -46,7 +46,11 @@ MISTAKES = {
     ],
     "06_stack": [
         ("return memory[start:end]", "return memory[start:end].clone()", "read 0 is a copy"),
-        ("grad_last = grad[rows].clone() if", "grad_last = None if", "get no gradient"),
+        (
+            "grad_last = grad[rows].clone() if",
+            "grad_last = None if",
+            "no gradient reaches the rows",
+        ),
         (
             "ctx.gradient.get(grad_output)",
             "grad_output.new_zeros(64, *grad_output.shape[1:])",

@@ -227,7 +227,8 @@ def check_score_terms(score_terms: Callable) -> Verdict:
 # Chapter 3: one attention step, every index explicit.
 
 
-#: The sizes of the checks of chapters 3 and 4 (one memory of a single entry).
+#: The case sizes of the checks of chapters 3 and 4 (one with a single
+#: memory entry).
 ATTENTION_CASES = [
     dict(batch=2, d_model=8, heads=2, seq_len=3, seed=0),
     dict(batch=1, d_model=12, heads=3, seq_len=1, seed=1),
@@ -527,8 +528,8 @@ def check_stack_function(function: type) -> Verdict:
                     continue
                 if g is None:
                     raise Mismatch(
-                        f"{attempt}the {label} get no gradient: backward "
-                        "must return the gradient of `last`"
+                        f"{attempt}no gradient reaches the {label}: "
+                        "backward must return the gradient of `last`"
                     )
                 compare(f"{attempt}the gradient of the {label}", g, w)
 
