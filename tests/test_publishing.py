@@ -91,6 +91,12 @@ def test_the_workflow_tests_builds_and_deploys_with_pinned_actions_and_least_per
     assert jobs["deploy"]["environment"]["name"] == "github-pages"
     runs = [step.get("run", "") for job in jobs.values() for step in steps(job)]
     assert "make test" in runs, "the workflow must run the README's test command"
+    # Tiny Shakespeare lands where the Makefile and the tests look for it, before `make test`.
+    build = steps(jobs["test-and-build"])
+    (download,) = [i for i, step in enumerate(build) if "shakespeare_path" in step.get("run", "")]
+    assert build[download]["env"]["FEEDBACK_LIB_CACHE"] == "../shared/data"
+    assert download < [step.get("run") for step in build].index("make test")
+    assert "../shared/data/tinyshakespeare.txt" in (ROOT / "Makefile").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme
 

@@ -4,7 +4,8 @@ Each page is loaded once (:func:`visit`); the tests then check what the browser 
 the site's own MathJax with no TeX errors and no raw TeX left in the prose, every image loaded,
 nothing fetched from another host, no console errors, no widget placeholder, each cell's printed
 lines in one block, every internal link and anchor resolving, well-formed Colab and Binder links on
-every chapter, and the licences of the text and the code in every page's footer. Every chapter's
+every chapter, the licences of the text and the code in every page's footer, and every page's canonical
+address on GitHub Pages (from ``repository.url``). Every chapter's
 slide deck opens offline, with reveal.js ready and its math typeset, and the teaching guide links it. A screenshot of each page is kept in ``_build/screenshots/``. On a phone's viewport (375
 CSS pixels), the menu button opens the chapter list on every page and the page-contents button shows
 the sections of every chapter. At 1280 px and at 375 px nothing scrolls sideways: no code or output
@@ -117,6 +118,7 @@ def driver() -> Iterator[object]:
 
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import book_site  # noqa: E402
 import colab_cells  # noqa: E402
 
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
@@ -310,6 +312,28 @@ def test_chapter_has_a_well_formed_binder_link(page, driver, base_url, site):
     expected = f"https://mybinder.org/v2/gh/{owner_repo}/{branch}?urlpath=tree/{notebook}"
     links = [link for link in visit(page, driver, base_url).data["links"] if "mybinder.org" in link]
     assert links == [expected], f"{page}: Binder links {links}, expected [{expected}]"
+
+
+class _Canonical(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str | None] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag == "link" and attributes.get("rel") == "canonical":
+            self.hrefs.append(attributes.get("href"))
+
+
+def test_every_page_names_its_canonical_address_on_github_pages(site):
+    """html_baseurl, which book_site derives from repository.url, reaches every page (the root
+    index.html only redirects to the landing page, which has its own)."""
+    url, _ = colab_cells.repository(ROOT)
+    base = book_site.pages_url(url)  # https://OWNER.github.io/NAME/
+    for page in [f"{name}.html" for name in DOCUMENTS] + ["genindex.html", "search.html"]:
+        parser = _Canonical()
+        parser.feed((site / page).read_text())
+        assert parser.hrefs == [base + page], f"{page}: canonical links {parser.hrefs}"
 
 
 def test_every_page_names_the_licences_in_its_footer(driver, base_url, site):
