@@ -29,7 +29,7 @@ def _cell(kind: str, source: str, **metadata) -> dict:
 def test_each_chapter_marks_a_deck_with_its_title_and_summary(path):
     deck = slides.deck_notebook(json.loads(path.read_text()), path.name)
     text = "\n".join(cell["source"] for cell in deck["cells"])
-    assert len(deck["cells"]) >= 3
+    assert 5 <= len(deck["cells"]) <= 9
     assert re.search(r"^# \d+\. ", text, re.M) and "## Summary" in text
     assert "## Exercises" not in text and "{admonition}" not in text and "{cite}" not in text
 

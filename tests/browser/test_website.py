@@ -379,7 +379,7 @@ def test_slide_deck_opens_offline_with_its_math_typeset(deck, driver, base_url, 
     ]
     assert not foreign, f"{deck}: loads from other hosts: {foreign}"
     state = driver.execute_async_script(DECK_STATE)
-    assert state["ready"] and state["slides"] >= 3, f"{deck}: reveal.js not ready: {state}"
+    assert state["ready"] and state["slides"] >= 5, f"{deck}: reveal.js not ready: {state}"
     raw = RAW_TEX.findall(state["text"]) + re.findall(r"\$[^$\s][^$]*\$", state["text"])
     assert not state["tex_errors"] and not raw, f"{deck}: math not typeset: {raw or state}"
 
