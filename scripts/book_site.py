@@ -26,6 +26,12 @@
 - **Slides.** After a successful build, ``scripts/slides.py`` writes a
   reveal.js deck of every chapter's marked cells to ``slides/``; the
   teaching guide lists them with the ``{slide-decks}`` directive.
+- **Translations.** ``book_translations`` (``_config.yml``) lists the
+  languages of ``locales/``. After the English site, each is built into
+  ``<language>/`` next to it (``scripts/translations.py``), with its own
+  student versions, slides and notebooks (``book/<language>/``, which its
+  launch and download buttons give); every page of every language has a
+  language switcher in its header.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import html
 import json
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
@@ -42,6 +50,8 @@ from pathlib import Path
 import colab_cells
 import slides
 import student_versions
+import translations
+from babel import Locale
 from docutils import nodes
 from sphinx import addnodes
 from sphinx.application import Sphinx
@@ -51,6 +61,11 @@ MATHJAX_PACKAGE = "sphinx-mathjax-offline"
 #: The site's own layout rules, served from _static/: a stylesheet, and
 #: the script that shows a table too wide for a phone row by row.
 SITE_STATIC = Path(__file__).parent / "site_static"
+#: The site's own templates: the language switcher.
+SITE_TEMPLATES = Path(__file__).parent / "site_templates"
+LANGUAGE_SWITCHER = "language-switcher.html"
+#: The language of the book's source.
+SOURCE_LANGUAGE = "en"
 LAYOUT_CSS = "book_layout.css"
 LAYOUT_JS = "book_layout.js"
 #: Where the student versions go, relative to the HTML output folder.
@@ -158,26 +173,50 @@ def format_duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def measured(record: ExecutionRecord) -> str:
+def measured(record: ExecutionRecord, language: str | None = None) -> str:
     """The measured run time, with the thread count where the chapter set
     its own."""
-    threads = (
-        ""
-        if record.threads is None
-        else f" ({record.threads} thread{'s' * (record.threads != 1)})"
-    )
+    if record.threads is None:
+        threads = ""
+    elif record.threads == 1:
+        threads = " " + translations.translate(language, "(1 thread)")
+    else:
+        threads = " " + translations.translate(
+            language, "({threads} threads)"
+        ).format(threads=record.threads)
     return format_duration(record.seconds) + threads
 
 
-def colab_estimate(record: ExecutionRecord) -> str:
+def colab_estimate(
+    record: ExecutionRecord, language: str | None = None
+) -> str:
     """The estimated time on a Colab GPU runtime (the teaching guide gives
     the reasons)."""
     if record.uses_gpu:
-        return (
+        return translations.translate(
+            language,
             "not measured: runs on the GPU there, partly with other code; "
-            "same order as the CPU (estimated)"
+            "same order as the CPU (estimated)",
         )
-    return "the CPU time or more: runs on Colab's CPU (estimated)"
+    return translations.translate(
+        language, "the CPU time or more: runs on Colab's CPU (estimated)"
+    )
+
+
+def translation_of(config) -> str | None:
+    """The language of a translated build (one of ``book_translations``);
+    None for the English site."""
+    language = config.language
+    return language if language in config.book_translations else None
+
+
+def site_notebooks(env) -> list[Path]:
+    """The chapters of the build: the English notebooks, or a translated
+    build's own (``book/<language>/``)."""
+    root, language = Path(env.srcdir), translation_of(env.config)
+    if language is None:
+        return colab_cells.chapter_notebooks(root)
+    return translations.translated_notebooks(language, root)
 
 
 def _table(
@@ -213,32 +252,41 @@ class ExecutionStatus(SphinxDirective):
 
     def run(self) -> list[nodes.Node]:
         root = Path(self.env.srcdir)
+        language = translation_of(self.env.config)
         records = execution_records(root)
         for record in records:
             self.env.note_dependency(str(record.path))
         if "colab" in self.options:
             header, widths = (
                 [
-                    "Chapter",
-                    "2-core CPU (measured)",
-                    "Colab GPU runtime (estimated)",
+                    translations.translate(language, "Chapter"),
+                    translations.translate(
+                        language, "2-core CPU (measured)"
+                    ),
+                    translations.translate(
+                        language, "Colab GPU runtime (estimated)"
+                    ),
                 ],
                 [4, 2, 4],
             )
             rows = [
                 [
                     self._link(record, root),
-                    measured(record),
-                    colab_estimate(record),
+                    measured(record, language),
+                    colab_estimate(record, language),
                 ]
                 for record in records
             ]
         else:
             header, widths = (
                 [
-                    "Chapter",
-                    "Outputs produced (UTC)",
-                    "Run time, 2-core CPU (measured)",
+                    translations.translate(language, "Chapter"),
+                    translations.translate(
+                        language, "Outputs produced (UTC)"
+                    ),
+                    translations.translate(
+                        language, "Run time, 2-core CPU (measured)"
+                    ),
                 ],
                 [5, 3, 3],
             )
@@ -246,7 +294,7 @@ class ExecutionStatus(SphinxDirective):
                 [
                     self._link(record, root),
                     record.started.strftime("%Y-%m-%d %H:%M"),
-                    measured(record),
+                    measured(record, language),
                 ]
                 for record in records
             ]
@@ -254,8 +302,11 @@ class ExecutionStatus(SphinxDirective):
         return [
             _table(header, widths, rows),
             nodes.paragraph(
-                text=f"All chapters together: {format_duration(total)} on "
-                "the CPU."
+                text=translations.translate(
+                    language, "All chapters together: {total} on the CPU."
+                ).format(total=format_duration(total)),
+                # translated here (the site catalog), not from the page's
+                translatable=False,
             ),
         ]
 
@@ -281,13 +332,14 @@ class StudentVersions(SphinxDirective):
 
     def run(self) -> list[nodes.Node]:
         to_root = "../" * self.env.docname.count("/")
+        language = translation_of(self.env.config)
         items = [
             (
                 f"{to_root}{STUDENT_DIR}/{student_versions.ZIP_NAME}",
-                "All chapters (zip)",
+                translations.translate(language, "All chapters (zip)"),
             )
         ]
-        for path in colab_cells.chapter_notebooks(Path(self.env.srcdir)):
+        for path in site_notebooks(self.env):
             items.append((f"{to_root}{STUDENT_DIR}/{path.name}", path.name))
         listing = "".join(
             f'<li><a class="reference download" href="{href}" download>'
@@ -320,15 +372,24 @@ def pages_url(repository_url: str) -> str:
     return f"https://{owner.lower()}.github.io/{name}/"
 
 
-def licence_footer(repository_url: str, branch: str) -> str:
+def licence_footer(
+    repository_url: str, branch: str, language: str | None = None
+) -> str:
     """The footer of every page: the licences of the text and the code."""
     files = f"{repository_url}/blob/{branch}"
-    return (
-        '<p class="book-licence">Text and figures: <a href='
-        '"https://creativecommons.org/licenses/by/4.0/">CC BY 4.0</a> '
-        f'(<a href="{files}/LICENSE-text.md">LICENSE-text.md</a>). Code: '
-        f'<a href="{files}/LICENSE">MIT</a>.</p>'
+    text = translations.translate(
+        language,
+        "Text and figures: {text_licence} ({text_file}). "
+        "Code: {code_licence}.",
     )
+    cc_by = "https://creativecommons.org/licenses/by/4.0/"
+    links = {
+        "text_licence": f'<a href="{cc_by}">CC BY 4.0</a>',
+        "text_file": f'<a href="{files}/LICENSE-text.md">'
+        "LICENSE-text.md</a>",
+        "code_licence": f'<a href="{files}/LICENSE">MIT</a>',
+    }
+    return f'<p class="book-licence">{text.format(**links)}</p>'
 
 
 class SlideDecks(SphinxDirective):
@@ -338,7 +399,7 @@ class SlideDecks(SphinxDirective):
     def run(self) -> list[nodes.Node]:
         to_root = "../" * self.env.docname.count("/")
         items = []
-        for path in colab_cells.chapter_notebooks(Path(self.env.srcdir)):
+        for path in site_notebooks(self.env):
             title = slides.title(json.loads(path.read_text()), path)
             items.append(
                 f'<li><a class="reference external" href="{to_root}'
@@ -356,12 +417,27 @@ class SlideDecks(SphinxDirective):
 
 def _configure(app: Sphinx, config) -> None:
     url, branch = colab_cells.repository(Path(app.srcdir))
-    # The canonical address of every page, where the workflow publishes it.
-    config.html_baseurl = config.html_baseurl or pages_url(url)
+    language = translation_of(config)
+    # The canonical address of every page, where the workflow publishes it
+    # (a translation: in its folder).
+    config.html_baseurl = config.html_baseurl or (
+        pages_url(url) + (f"{language}/" if language else "")
+    )
     config.html_theme_options = {
         **config.html_theme_options,
-        "extra_footer": licence_footer(url, branch),
+        "extra_footer": licence_footer(url, branch, language),
+        "article_header_end": [
+            *config.html_theme_options.get(
+                "article_header_end", ["article-header-buttons.html"]
+            ),
+            LANGUAGE_SWITCHER,
+        ],
     }
+    config.templates_path = [*config.templates_path, str(SITE_TEMPLATES)]
+    if language:
+        config.html_title = translations.translate(
+            language, config.html_title
+        )
     config.html_extra_path = [
         *config.html_extra_path,
         str(mathjax_folder()),
@@ -396,28 +472,113 @@ def _drop_repeated_scripts(
     )
 
 
-def _finish(app: Sphinx, exception: Exception | None) -> None:
-    """Write the student versions, and the favicon where browsers ask first
-    (``/favicon.ico``, for the top-level redirect page, which has no icon
-    link of its own)."""
-    if exception is None and app.builder.format == "html":
-        outdir = Path(app.outdir)
-        student_versions.write_student_versions(
-            outdir / STUDENT_DIR, Path(app.srcdir)
+def _languages(
+    app: Sphinx, pagename: str, templatename: str, context: dict, doctree
+) -> None:
+    """The language switcher's links (``site_templates/``): before the
+    theme drops the templates that render empty (priority 500)."""
+    language = translation_of(app.config)
+    to_root = "../" * pagename.count("/")
+    to_site = to_root + ("../" if language else "")  # the English site
+    codes = [SOURCE_LANGUAGE, *app.config.book_translations]
+    context["book_languages"] = [
+        {
+            "code": code.replace("_", "-"),
+            "name": Locale.parse(code).get_language_name(code),
+            "url": to_site
+            + ("" if code == SOURCE_LANGUAGE else f"{code}/")
+            + f"{pagename}.html",
+            "current": code == (language or SOURCE_LANGUAGE),
+        }
+        for code in codes
+    ]
+    context["book_language_label"] = translations.translate(
+        language, "Language"
+    )
+
+
+def _launch_translation(
+    app: Sphinx, pagename: str, templatename: str, context: dict, doctree
+) -> None:
+    """In a translated build, the launch buttons open its own notebooks
+    (``book/<language>/``): after the theme adds them (priority 501)."""
+    language = translation_of(app.config)
+    if language:
+        root = Path(app.srcdir)
+        own = translations.notebook_folder(language, root)
+        path = (own / Path(pagename).name).with_suffix(".ipynb")
+        _rewrite_urls(
+            context.get("header_buttons", []),
+            f"{pagename}.ipynb",
+            path.relative_to(root).as_posix(),
         )
-        slides.write_decks(outdir / SLIDES_DIR, Path(app.srcdir))
-        if app.config.html_favicon:
-            shutil.copyfile(
-                outdir / "_static" / Path(app.config.html_favicon).name,
-                outdir / "favicon.ico",
+
+
+def _rewrite_urls(buttons: list[dict], old: str, new: str) -> None:
+    """Point the header buttons' links to other sites (Colab, Binder) at
+    ``new`` instead of ``old``; the download button's stays in the site."""
+    for button in buttons:
+        if button.get("url", "").startswith("https://"):
+            button["url"] = button["url"].replace(old, new)
+        _rewrite_urls(button.get("buttons", []), old, new)
+
+
+def _finish(app: Sphinx, exception: Exception | None) -> None:
+    """Write the student versions, the slides and the favicon where browsers
+    ask first (``/favicon.ico``, for the top-level redirect page, which has
+    no icon link of its own); after the English site, build each
+    translation; in a translation, serve its notebooks for download."""
+    if exception is not None or app.builder.format != "html":
+        return
+    outdir, root = Path(app.outdir), Path(app.srcdir)
+    language = translation_of(app.config)
+    notebooks = site_notebooks(app.env)
+    student_versions.write_student_versions(
+        outdir / STUDENT_DIR,
+        root,
+        notebooks=notebooks,
+        solution=translations.solution_title(language, root)
+        if language
+        else student_versions.SOLUTION,
+        header=translations.translate(language, student_versions.HEADER),
+    )
+    slides.write_decks(outdir / SLIDES_DIR, root, notebooks)
+    if app.config.html_favicon:
+        shutil.copyfile(
+            outdir / "_static" / Path(app.config.html_favicon).name,
+            outdir / "favicon.ico",
+        )
+    if language:
+        for path in notebooks:  # the download button's .ipynb
+            target = outdir / "_sources" / "book" / path.name
+            if target.exists():
+                shutil.copyfile(path, target)
+        return
+    for other in app.config.book_translations:
+        command = [
+            sys.executable,
+            str(Path(__file__).with_name("translations.py")),
+            "build",
+            "--language",
+            other,
+        ]
+        if not app.warningiserror:
+            command.append("--warnings-allowed")
+        if subprocess.run(command, cwd=root).returncode:
+            raise RuntimeError(
+                f"the {other} translation of the book failed to build (its "
+                "warnings and errors are above)"
             )
 
 
 def setup(app: Sphinx) -> dict:
+    app.add_config_value("book_translations", [], "html", types=[list])
     app.connect("config-inited", _configure)
     # Early: html-page-context stops at the first handler that returns a
     # template name.
     app.connect("html-page-context", _drop_repeated_scripts, priority=100)
+    app.connect("html-page-context", _languages, priority=450)
+    app.connect("html-page-context", _launch_translation, priority=600)
     app.connect("build-finished", _finish)
     app.add_css_file(LAYOUT_CSS)
     app.add_js_file(LAYOUT_JS)

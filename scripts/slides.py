@@ -162,9 +162,13 @@ def exporter() -> SlidesExporter:
     return slides
 
 
-def write_decks(out_dir: Path, root: Path = colab_cells.ROOT) -> list[Path]:
-    """Write the deck of every chapter in ``_toc.yml`` to ``out_dir``, with
-    the reveal.js files they load."""
+def write_decks(
+    out_dir: Path,
+    root: Path = colab_cells.ROOT,
+    notebooks: list[Path] | None = None,
+) -> list[Path]:
+    """Write the deck of every chapter in ``_toc.yml`` (or of ``notebooks``,
+    a translation's) to ``out_dir``, with the reveal.js files they load."""
     out_dir.mkdir(parents=True, exist_ok=True)
     source = reveal_folder()
     for name in REVEAL_FILES:
@@ -176,7 +180,7 @@ def write_decks(out_dir: Path, root: Path = colab_cells.ROOT) -> list[Path]:
             source / name, out_dir / REVEAL_DIR / name, dirs_exist_ok=True
         )
     slides, written = exporter(), []
-    for path in colab_cells.chapter_notebooks(root):
+    for path in notebooks or colab_cells.chapter_notebooks(root):
         deck = deck_notebook(json.loads(path.read_text()), path.name)
         html, _ = slides.from_notebook_node(
             nbformat.from_dict(deck),

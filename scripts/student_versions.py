@@ -31,9 +31,19 @@ from pathlib import Path
 
 import colab_cells
 
-#: A line that opens a prose solution: a colon fence (three or more colons)
-# and the admonition.
-SOLUTION_OPENING = re.compile(r"^(:{3,})\{admonition\}\s+Solution\b")
+#: The title of a prose solution's admonition (a translated chapter has
+#: its own).
+SOLUTION = "Solution"
+
+
+def solution_opening(title: str = SOLUTION) -> re.Pattern:
+    """A line that opens a prose solution: a colon fence (three or more
+    colons) and the admonition titled ``title``."""
+    return re.compile(
+        rf"^(:{{3,}})\{{admonition\}}\s+{re.escape(title)}(?!\w)"
+    )
+
+
 #: The tag of code cells that answer an exercise.
 SOLUTION_TAG = "solution"
 ANSWER_CELL = "# Your answer to the exercise above.\n"
@@ -50,13 +60,13 @@ HEADER = (
 )
 
 
-def strip_solutions(markdown: str) -> str:
+def strip_solutions(markdown: str, title: str = SOLUTION) -> str:
     """``markdown`` without its ``:::{admonition} Solution`` blocks (fence
-    to matching fence)."""
-    kept, closing = [], None
+    to matching fence; ``title``: the admonition's title)."""
+    kept, closing, opens = [], None, solution_opening(title)
     for line in markdown.splitlines(keepends=True):
         if closing is None:
-            opening = SOLUTION_OPENING.match(line)
+            opening = opens.match(line)
             if opening:
                 closing = opening.group(1)
                 continue
@@ -70,10 +80,17 @@ def strip_solutions(markdown: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "".join(kept)).rstrip("\n")
 
 
-def student_notebook(notebook: dict, url: str) -> dict:
+def student_notebook(
+    notebook: dict,
+    url: str,
+    *,
+    solution: str = SOLUTION,
+    header: str = HEADER,
+) -> dict:
     """The student version of one chapter notebook of the book at repository
-    ``url`` (the input is left unchanged)."""
-    student = copy.deepcopy(notebook)
+    ``url`` (the input is left unchanged). A translated chapter gives its
+    solutions' title and the translated ``header``."""
+    student, opens = copy.deepcopy(notebook), solution_opening(solution)
     cells, skeleton = [], False  # is the last code cell a skeleton?
     for cell in student["cells"]:
         source = "".join(cell["source"])
@@ -87,9 +104,9 @@ def student_notebook(notebook: dict, url: str) -> dict:
             cell["outputs"], cell["execution_count"] = [], None
             cell["metadata"].pop("execution", None)
         elif cell["cell_type"] == "markdown" and any(
-            map(SOLUTION_OPENING.match, source.splitlines())
+            map(opens.match, source.splitlines())
         ):
-            source = strip_solutions(source)
+            source = strip_solutions(source, solution)
             if not source.strip():
                 continue
         cell["source"] = source.splitlines(keepends=True)
@@ -99,7 +116,7 @@ def student_notebook(notebook: dict, url: str) -> dict:
             "cell_type": "markdown",
             "id": "student-version",
             "metadata": {},
-            "source": [HEADER.format(url=url)],
+            "source": [header.format(url=url)],
         }
     ] + cells
     student["metadata"].pop(
@@ -109,15 +126,25 @@ def student_notebook(notebook: dict, url: str) -> dict:
 
 
 def write_student_versions(
-    out_dir: Path, root: Path = colab_cells.ROOT
+    out_dir: Path,
+    root: Path = colab_cells.ROOT,
+    *,
+    notebooks: list[Path] | None = None,
+    solution: str = SOLUTION,
+    header: str = HEADER,
 ) -> list[Path]:
-    """Write the student version of every chapter in ``_toc.yml`` and a zip
-    of them to ``out_dir``."""
+    """Write the student version of every chapter in ``_toc.yml`` (or of
+    ``notebooks``, a translation's) and a zip of them to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written, (url, _) = [], colab_cells.repository(root)
-    for path in colab_cells.chapter_notebooks(root):
+    for path in notebooks or colab_cells.chapter_notebooks(root):
         target = out_dir / path.name
-        notebook = student_notebook(json.loads(path.read_text()), url)
+        notebook = student_notebook(
+            json.loads(path.read_text()),
+            url,
+            solution=solution,
+            header=header,
+        )
         target.write_text(
             json.dumps(notebook, indent=1, ensure_ascii=False) + "\n"
         )

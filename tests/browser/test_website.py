@@ -1,4 +1,6 @@
-"""Every page of the built website, opened in headless Chromium from a localhost server.
+"""Every page of the built website, in every language (English at the top, each translation in
+its folder, ``zh_CN/``), opened in headless Chromium from a localhost server. Every page's language
+switcher links the same page in every language, and works on a phone.
 
 Each page is loaded once (:func:`visit`); the tests then check what the browser saw: math typeset by
 the site's own MathJax with no TeX errors and no raw TeX left in the prose, every image loaded,
@@ -120,15 +122,40 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import book_site  # noqa: E402
 import colab_cells  # noqa: E402
+import translations  # noqa: E402
 
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
 DOCUMENTS = [TOC["root"], *(entry["file"] for part in TOC["parts"] for entry in part["chapters"])]
-PAGES = ["index.html", "genindex.html", "search.html", *(f"{name}.html" for name in DOCUMENTS)]
+#: The site's languages: English at the top, each translation in its folder (``zh_CN/``).
+LANGUAGES = translations.languages(ROOT)
+PREFIXES = ["", *(f"{language}/" for language in LANGUAGES)]
+#: Every page of the book, in every language.
+DOCUMENT_PAGES = [f"{prefix}{name}.html" for prefix in PREFIXES for name in DOCUMENTS]
+PAGES = [
+    *(
+        f"{prefix}{page}"
+        for prefix in PREFIXES
+        for page in ("index.html", "genindex.html", "search.html")
+    ),
+    *DOCUMENT_PAGES,
+]
 CHAPTERS = [
-    f"{path.relative_to(ROOT).with_suffix('').as_posix()}.html"
+    f"{prefix}{path.relative_to(ROOT).with_suffix('').as_posix()}.html"
+    for prefix in PREFIXES
     for path in colab_cells.chapter_notebooks(ROOT)
     if path.stem != "index"
 ]
+
+
+def notebook_of(page: str) -> str:
+    """The notebook that a chapter's launch buttons open: ``book/NAME.ipynb``, or for a translated
+    page ``LANGUAGE/book/NAME.html`` the generated ``book/LANGUAGE/NAME.ipynb``."""
+    language, _, name = page.rpartition("book/")
+    language = language.rstrip("/")
+    stem = name.removesuffix(".html")
+    return f"book/{language}/{stem}.ipynb" if language else f"book/{stem}.ipynb"
+
+
 #: TeX that must never reach the reader as text (outside code, where it may be shown on purpose).
 RAW_TEX = re.compile(
     r"\$\$|\\begin\{|\\end\{|\\(?:frac|sum|sqrt|mathrm|operatorname|top|left|right|cdot)\b"
@@ -294,24 +321,59 @@ def test_internal_links_resolve(report, base_url, site):
 def test_chapter_has_a_well_formed_colab_link(page, driver, base_url, site):
     url, branch = colab_cells.repository(ROOT)
     owner_repo = urlsplit(url).path.strip("/")
-    expected = f"https://colab.research.google.com/github/{owner_repo}/blob/{branch}/{page.removesuffix('.html')}.ipynb"
+    expected = (
+        f"https://colab.research.google.com/github/{owner_repo}/blob/{branch}/{notebook_of(page)}"
+    )
     links = [
         link
         for link in visit(page, driver, base_url).data["links"]
         if "colab.research.google.com" in link
     ]
     assert links == [expected], f"{page}: Colab links {links}, expected [{expected}]"
-    assert (ROOT / f"{page.removesuffix('.html')}.ipynb").is_file()
+    assert (ROOT / notebook_of(page)).is_file()
 
 
 @pytest.mark.parametrize("page", CHAPTERS)
 def test_chapter_has_a_well_formed_binder_link(page, driver, base_url, site):
     url, branch = colab_cells.repository(ROOT)
     owner_repo = urlsplit(url).path.strip("/")
-    notebook = f"{page.removesuffix('.html')}.ipynb"
-    expected = f"https://mybinder.org/v2/gh/{owner_repo}/{branch}?urlpath=tree/{notebook}"
+    expected = f"https://mybinder.org/v2/gh/{owner_repo}/{branch}?urlpath=tree/{notebook_of(page)}"
     links = [link for link in visit(page, driver, base_url).data["links"] if "mybinder.org" in link]
     assert links == [expected], f"{page}: Binder links {links}, expected [{expected}]"
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_a_translated_chapter_downloads_as_its_translated_notebook(language, site):
+    """The download button of a translated page gives the generated notebook of book/<language>/
+    (its markdown translated), not the English chapter."""
+    for path in colab_cells.chapter_notebooks(ROOT):
+        served = site / language / "_sources" / "book" / path.name
+        mine = ROOT / "book" / language / path.name
+        assert served.read_bytes() == mine.read_bytes(), f"{served} is not {mine}"
+        html = (site / language / "book" / f"{path.stem}.html").read_text()
+        assert f'href="../_sources/book/{path.name}"' in html, f"{path.stem}: no download link"
+
+
+#: A word that every language's search must find, by language folder.
+SEARCH_WORDS = {"": "memory", "zh_CN/": "注意力"}
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_search_finds_pages_in_every_language(prefix, driver, base_url, site):
+    """Sphinx's search, in the page's language (the Chinese index splits words with jieba)."""
+    from urllib.parse import quote
+
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    word = SEARCH_WORDS[prefix]
+    driver.get(f"{base_url}{prefix}search.html?q={quote(word)}")
+    found = WebDriverWait(driver, 20).until(
+        lambda d: d.execute_script(
+            "const r = document.querySelectorAll('#search-results ul.search li');"
+            "return r.length > 0 ? r.length : null;"
+        )
+    )
+    assert found >= 3, f"{prefix}search.html: {found} results for {word!r}"
 
 
 class _Canonical(HTMLParser):
@@ -330,10 +392,90 @@ def test_every_page_names_its_canonical_address_on_github_pages(site):
     index.html only redirects to the landing page, which has its own)."""
     url, _ = colab_cells.repository(ROOT)
     base = book_site.pages_url(url)  # https://OWNER.github.io/NAME/
-    for page in [f"{name}.html" for name in DOCUMENTS] + ["genindex.html", "search.html"]:
+    for page in [page for page in PAGES if page not in REDIRECTS]:
         parser = _Canonical()
         parser.feed((site / page).read_text())
         assert parser.hrefs == [base + page], f"{page}: canonical links {parser.hrefs}"
+
+
+#: The top folder of each language only redirects to its landing page.
+REDIRECTS = {f"{prefix}index.html" for prefix in PREFIXES}
+
+
+class _Switcher(HTMLParser):
+    """The page's language (``<html lang>``) and its language switcher's links."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lang: str | None = None
+        self.links: list[dict] = []
+        self._inside = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        classes = (attributes.get("class") or "").split()
+        if tag == "html":
+            self.lang = attributes.get("lang")
+        elif tag == "div" and "dropdown-language-switcher" in classes:
+            self._inside = 1
+        elif tag == "div" and self._inside:
+            self._inside += 1
+        elif tag == "a" and self._inside:
+            self.links.append(attributes)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "div" and self._inside:
+            self._inside -= 1
+
+
+def test_every_page_links_its_counterpart_in_every_language(site):
+    """The switcher in every page's header links the same page in English and in every
+    translation, marks the current language, and every counterpart exists."""
+    for page in [page for page in PAGES if page not in REDIRECTS]:
+        prefix = next(p for p in reversed(PREFIXES) if page.startswith(p))
+        name = page.removeprefix(prefix)
+        parser = _Switcher()
+        parser.feed((site / page).read_text())
+        language = prefix.rstrip("/") or "en"
+        assert parser.lang == language.replace("_", "-"), f"{page}: <html lang={parser.lang}>"
+        targets = {}
+        for link in parser.links:
+            resolved = os.path.normpath(os.path.join(os.path.dirname(page), link["href"]))
+            targets[link["hreflang"]] = resolved
+            assert (site / resolved).is_file(), f"{page}: the switcher links {resolved}, not built"
+            if link["hreflang"] == parser.lang:
+                assert link.get("aria-current") == "page", f"{page}: current language not marked"
+        expected = {(p.rstrip("/") or "en").replace("_", "-"): f"{p}{name}" for p in PREFIXES}
+        assert targets == expected, f"{page}: switcher links {targets}, expected {expected}"
+
+
+@pytest.mark.parametrize("page", ["book/05_feedback_transformer.html", "book/index.html"])
+def test_the_language_switcher_works_on_a_phone(page, phone, base_url, site):
+    """On a phone the switcher's button is on screen; a tap opens it and a tap on each other
+    language opens the same page in that language, and back."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    for prefix in PREFIXES[1:]:
+        for start, goal in ((page, f"{prefix}{page}"), (f"{prefix}{page}", page)):
+            phone.get(base_url + start)
+            button = phone.find_element(By.CSS_SELECTOR, ".dropdown-language-switcher button")
+            box = phone.execute_script(
+                "const r = arguments[0].getBoundingClientRect();"
+                "return [r.left, r.right, r.width, window.innerWidth];",
+                button,
+            )
+            assert box[2] > 0 and box[0] >= 0 and box[1] <= box[3], (
+                f"{start}: switcher off screen {box}"
+            )
+            button.click()
+            code = (goal.split("/")[0] if goal.startswith(prefix) else "en").replace("_", "-")
+            link = phone.find_element(
+                By.CSS_SELECTOR, f'.dropdown-language-switcher a[hreflang="{code}"]'
+            )
+            WebDriverWait(phone, 5).until(lambda d, link=link: link.is_displayed())
+            link.click()
+            WebDriverWait(phone, 10).until(lambda d, url=base_url + goal: d.current_url == url)
 
 
 def test_every_page_names_the_licences_in_its_footer(driver, base_url, site):
@@ -352,7 +494,11 @@ def test_every_page_has_a_screenshot(driver, base_url, site):
 
 
 #: The chapters' slide decks (scripts/slides.py), written next to the site by its build.
-DECKS = [f"slides/{path.stem}.slides.html" for path in colab_cells.chapter_notebooks(ROOT)]
+DECKS = [
+    f"{prefix}slides/{path.stem}.slides.html"
+    for prefix in PREFIXES
+    for path in colab_cells.chapter_notebooks(ROOT)
+]
 
 DECK_STATE = r"""
 const done = arguments[arguments.length - 1];
@@ -384,9 +530,11 @@ def test_slide_deck_opens_offline_with_its_math_typeset(deck, driver, base_url, 
     assert not state["tex_errors"] and not raw, f"{deck}: math not typeset: {raw or state}"
 
 
-def test_the_teaching_guide_links_every_deck(driver, base_url, site):
-    links = visit("book/teaching_guide.html", driver, base_url).data["links"]
-    assert [link for link in links if "/slides/" in link] == [base_url + deck for deck in DECKS]
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_the_teaching_guide_links_every_deck(prefix, driver, base_url, site):
+    links = visit(f"{prefix}book/teaching_guide.html", driver, base_url).data["links"]
+    decks = [base_url + deck for deck in DECKS if deck.startswith(f"{prefix}slides/")]
+    assert [link for link in links if "/slides/" in link] == decks
 
 
 #: A phone's viewport (CSS pixels), emulated through the DevTools protocol so that the page's
@@ -435,7 +583,7 @@ def _open_sidebar(driver, base_url: str, page: str, toggle: str, sidebar: str) -
     return before, after
 
 
-@pytest.mark.parametrize("page", [f"{name}.html" for name in DOCUMENTS])
+@pytest.mark.parametrize("page", DOCUMENT_PAGES)
 def test_menu_opens_the_chapter_list_on_a_phone(page, phone, base_url, site):
     before, after = _open_sidebar(
         phone, base_url, page, "button.primary-toggle", ".bd-sidebar-primary"
@@ -508,7 +656,7 @@ def _assert_nothing_scrolls(driver, base_url: str, page: str, width: str) -> Non
     assert seen["page"] <= seen["window"], f"{page} at {width}: the page is {seen['page']} px wide"
 
 
-@pytest.mark.parametrize("page", [f"{name}.html" for name in DOCUMENTS])
+@pytest.mark.parametrize("page", DOCUMENT_PAGES)
 def test_nothing_scrolls_sideways_on_a_laptop(page, driver, base_url, site):
     _assert_nothing_scrolls(driver, base_url, page, "1280 px")
     # A code cell's lines (at most 88 characters, book/ruff.toml) fit without wrapping here.
@@ -516,7 +664,7 @@ def test_nothing_scrolls_sideways_on_a_laptop(page, driver, base_url, site):
     assert not wrapped, f"{page} at 1280 px: code lines that wrap: {wrapped[:3]}"
 
 
-@pytest.mark.parametrize("page", [f"{name}.html" for name in DOCUMENTS])
+@pytest.mark.parametrize("page", DOCUMENT_PAGES)
 def test_nothing_scrolls_sideways_on_a_phone(page, phone, base_url, site):
     _assert_nothing_scrolls(phone, base_url, page, "375 px")
 
@@ -596,7 +744,7 @@ def _smallest_figure_text(driver, base_url: str, site: Path, page: str) -> list[
     return small
 
 
-@pytest.mark.parametrize("page", [f"{name}.html" for name in DOCUMENTS])
+@pytest.mark.parametrize("page", DOCUMENT_PAGES)
 def test_figure_text_is_legible_on_a_laptop_and_a_phone(page, driver, base_url, site):
     small = _smallest_figure_text(driver, base_url, site, page)
     assert not small, f"{page} at 1280 px: figure text below {MIN_TEXT_PX} px: {small}"
