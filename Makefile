@@ -50,19 +50,23 @@ lint: setup
 	$(BIN)/ruff check feedback_lib tests scripts
 	$(BIN)/ruff format --check feedback_lib tests scripts $(CHAPTERS)
 
-# The browser test (tests/browser) drives Debian's Chromium with its ChromeDriver. Installed here when
-# missing and apt-get can (as root, as in CI); elsewhere install them yourself or point CHROMIUM and
-# CHROMEDRIVER at your own copies.
+# The browser test (tests/browser) drives Debian's Chromium with its ChromeDriver, and draws the
+# Chinese pages with a Chinese font (Debian's fonts-noto-cjk). Installed here when missing and
+# apt-get can (as root, as in CI); elsewhere install them yourself or point CHROMIUM and CHROMEDRIVER
+# at your own copies.
 CHROMIUM ?= /usr/bin/chromium
 CHROMEDRIVER ?= /usr/bin/chromedriver
 export CHROMIUM CHROMEDRIVER
+HAS_CJK_FONT = command -v fc-list >/dev/null && fc-list :lang=zh-cn | grep -q .
 browser:
-	@if [ -x "$(CHROMIUM)" ] && [ -x "$(CHROMEDRIVER)" ]; then :; \
+	@if [ -x "$(CHROMIUM)" ] && [ -x "$(CHROMEDRIVER)" ] && $(HAS_CJK_FONT); then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+			chromium-driver fonts-noto-cjk >/dev/null; \
 	else \
-		echo "make test opens the website in Chromium: install Debian's chromium and chromium-driver" \
-		     "packages (sudo apt-get install chromium chromium-driver), or set CHROMIUM and CHROMEDRIVER" >&2; \
+		echo "make test opens the website in Chromium: install Debian's chromium, chromium-driver and" \
+		     "fonts-noto-cjk packages (sudo apt-get install chromium chromium-driver fonts-noto-cjk)," \
+		     "or set CHROMIUM and CHROMEDRIVER" >&2; \
 		exit 1; \
 	fi
 

@@ -193,11 +193,14 @@ def write_decks(
 
 
 def title(notebook: dict, path: Path) -> str:
-    """The chapter's title, from its first ``# `` line."""
+    """The chapter's title, from its first ``# `` line (as text: a
+    translation writes ``# 3\\. ...``)."""
     for cell in notebook["cells"]:
         found = re.search(r"^# (.+)$", "".join(cell["source"]), re.M)
         if found:
-            return found.group(1).strip()
+            return re.sub(
+                r"\\([!-/:-@\[-`{-~])", r"\1", found.group(1).strip()
+            )
     return path.stem
 
 

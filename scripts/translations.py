@@ -336,14 +336,30 @@ def coverage(
     return result
 
 
+def one_paragraph(text: str) -> bool:
+    """Whether ``text`` reads as one paragraph, as Sphinx requires of a
+    translation (a title ``3. ...`` would start a list: ``3\\. ...``)."""
+    blocks = [t.type for t in markdown_parser().parse(text) if t.level == 0]
+    return blocks == ["paragraph_open", "paragraph_close"]
+
+
 def problems(language: str, root: Path = ROOT) -> list[str]:
-    """Translations that lose or add markup, which would change what the
-    page shows (a formula, a link, a piece of code)."""
+    """Translations that Sphinx would not use (not one paragraph) or that
+    lose or add markup, which would change what the page shows (a formula,
+    a link, a piece of code)."""
     found = []
     for path in sorted(catalog_dir(language, root).rglob("*.po")):
         for message in read_catalog(path):
             if not message.id or not message.string:
                 continue
+            if needs_translation(message.id) and not one_paragraph(
+                message.string
+            ):
+                found.append(
+                    f"{path.relative_to(root)}: {message.string[:60]!r}: "
+                    "not one paragraph, so Sphinx keeps the English "
+                    "(escape a leading number: 3\\. ...)"
+                )
             if markup(message.id) != markup(message.string):
                 english, translated = (
                     markup(message.id),

@@ -107,6 +107,9 @@ def test_markup_catches_what_a_translation_must_keep():
     assert translations.markup("**memory** is") == translations.markup("**记忆**（memory）是")
     assert translations.markup("**memory** is") != translations.markup("**记忆（memory）**是")
     assert translations.markup("{total} on the CPU") != translations.markup("CPU 上")
+    # Sphinx keeps the English where a translation does not parse as one paragraph
+    assert not translations.one_paragraph("3. 推导注意力分数")  # an ordered list
+    assert translations.one_paragraph("3\\. 推导注意力分数")
 
 
 @pytest.mark.parametrize(

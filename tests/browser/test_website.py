@@ -25,6 +25,7 @@ Chromium and ChromeDriver come from Debian's ``chromium`` and ``chromium-driver`
 from __future__ import annotations
 
 import functools
+import html as html_lib
 import http.server
 import os
 import re
@@ -352,6 +353,61 @@ def test_a_translated_chapter_downloads_as_its_translated_notebook(language, sit
         assert served.read_bytes() == mine.read_bytes(), f"{served} is not {mine}"
         html = (site / language / "book" / f"{path.stem}.html").read_text()
         assert f'href="../_sources/book/{path.name}"' in html, f"{path.stem}: no download link"
+
+
+def _prose_of(path: Path) -> str:
+    """A built page's text outside code, outputs, scripts and styles, spaces normalized."""
+    text = re.sub(r"(?is)<(pre|code|script|style)\b.*?</\1>", " ", path.read_text())
+    text = html_lib.unescape(re.sub(r"<[^>]+>", " ", text))
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_translated_pages_show_their_translations(language, site):
+    """Sphinx uses a translation only when it parses as the English does: where it does not (a
+    title "3. ..." read as a list), the page silently keeps the English. No six-word run of a
+    translated message's English may remain on its translated page."""
+    kept = []
+    for name in DOCUMENTS:
+        prose = _prose_of(site / language / f"{name}.html")
+        for english in translations.page_translations(language, name, ROOT):
+            for run in re.split(r"[$`*_\[\](){}|\\]", english):
+                words = run.split()
+                for start in range(len(words) - 5):
+                    window = words[start : start + 6]
+                    if all(re.search("[A-Za-z]{2}", word) for word in window):
+                        if " ".join(window) in prose:
+                            kept.append(f"{name}: {' '.join(window)!r}")
+                        break  # one window per run
+    assert not kept, f"{language}: English left on translated pages: {kept[:10]}"
+
+
+#: Draws two different Chinese characters in the font of the page's first paragraph: without a
+#: font that has them, both are the same empty box ("tofu").
+GLYPHS = """
+const p = document.querySelector("article p");
+const canvas = document.createElement("canvas");
+canvas.width = canvas.height = 40;
+const context = canvas.getContext("2d");
+const draw = text => {
+  context.clearRect(0, 0, 40, 40);
+  context.font = `32px ${getComputedStyle(p).fontFamily}`;
+  context.fillText(text, 2, 34);
+  return Array.from(context.getImageData(0, 0, 40, 40).data).join(",");
+};
+return {font: getComputedStyle(p).fontFamily, differ: draw("注") !== draw("意")};
+"""
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_chinese_text_is_drawn_with_a_chinese_font(language, driver, base_url, site):
+    if not language.startswith("zh"):
+        pytest.skip("not a Chinese edition")
+    for page in (f"{language}/book/index.html", f"{language}/book/05_feedback_transformer.html"):
+        visit(page, driver, base_url)  # loads the page (and keeps its report)
+        driver.get(base_url + page)
+        drawn = driver.execute_script(GLYPHS)
+        assert drawn["differ"], f"{page}: Chinese drawn as empty boxes with {drawn['font']}"
 
 
 #: A word that every language's search must find, by language folder.
