@@ -25,15 +25,18 @@ each language into ``_build/html/<language>/`` after the English site
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
 import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import yaml
+from babel import Locale
 from babel.messages.catalog import Catalog
 from babel.messages.pofile import read_po, write_po
 
@@ -157,11 +160,22 @@ def read_catalog(path: Path) -> Catalog:
         return read_po(handle)
 
 
+_DATES = re.compile(r'^"(POT-Creation|PO-Revision)-Date: .*\n', re.M)
+
+
 def write_catalog(catalog: Catalog, path: Path) -> None:
+    """Write ``catalog`` to ``path`` (atomically), unless only its dates
+    would change."""
+    buffer = io.BytesIO()
+    write_po(buffer, catalog, width=0, omit_header=False)
+    text = buffer.getvalue().decode("utf-8")
+    if path.exists() and _DATES.sub("", path.read_text()) == _DATES.sub(
+        "", text
+    ):
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".po.tmp")
-    with tmp.open("wb") as handle:
-        write_po(handle, catalog, width=0, omit_header=False)
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 
@@ -233,9 +247,21 @@ def update(
         for message in catalog:  # Babel's guess; messages are markdown
             message.flags -= {"python-format", "python-brace-format"}
         catalog.project = config["title"]
+        catalog.version = ""
         catalog.language_team = language
         catalog.copyright_holder = config["author"]
-        catalog.msgid_bugs_address = ""
+        catalog.last_translator = config["author"]
+        catalog.msgid_bugs_address = config["repository"]["url"] + "/issues"
+        if not isinstance(catalog.revision_date, datetime):  # unset
+            catalog.revision_date = catalog.creation_date
+        catalog.fuzzy = False
+        catalog.header_comment = (
+            f"# {Locale.parse(language).english_name} translation of the "
+            f"page {page} of {config['title']}.\n"
+            f"# Copyright (C) {config['copyright']} {config['author']}\n"
+            "# Distributed under the licence of the book's text, CC BY 4.0 "
+            "(LICENSE-text.md)."
+        )
         write_catalog(catalog, path)
         written.append(path)
     return written
