@@ -159,7 +159,7 @@ def test_command_line_rejects_bad_values_before_work(capsys):
     assert "expected a positive integer, got '0'" in capsys.readouterr().err
 
 
-def test_stored_results_come_from_the_books_folder_and_repository(tmp_path):
+def test_stored_results_come_from_the_books_folder_and_repository(tmp_path, monkeypatch):
     import yaml
     from feedback_lib.book import stored
 
@@ -171,6 +171,12 @@ def test_stored_results_come_from_the_books_folder_and_repository(tmp_path):
     (tmp_path / "r.json").write_text('{"runs": []}')
     assert stored.stored_results("r.json", tmp_path) == {"runs": []}
     assert stored.stored_file("r.json", tmp_path) == tmp_path / "r.json"
+    # A translated chapter runs one folder down (book/zh_CN/) and finds book/results/.
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "s.json").write_text("{}")
+    (tmp_path / "zh_CN").mkdir()
+    monkeypatch.chdir(tmp_path / "zh_CN")
+    assert stored.stored_file("s.json") == Path("..") / "results" / "s.json"
     # The book's own file holds five seeds of every arm of both experiments.
     results = stored.stored_results("state_tracking.json", ROOT / "book" / "results")
     for task in experiments.SETUPS:

@@ -4,8 +4,9 @@ book's ``results/`` folder, written by the experiment scripts (chapter
 run (the trained model that chapter 9 loads).
 
 A chapter runs with ``book/`` as its working directory and finds them
-there; a notebook opened alone (in Colab) fetches the same file from the
-book's repository.
+there (a translated chapter, in ``book/<language>/``, one folder up); a
+notebook opened alone (in Colab) fetches the same file from the book's
+repository.
 """
 
 from __future__ import annotations
@@ -34,12 +35,18 @@ def raw_url(path: str) -> str:
 
 def stored_file(name: str, folder: str | Path = "results") -> Path:
     """The results file ``name``: ``folder/name`` when it exists (the
-    chapters' working directory is ``book/``), else a copy downloaded from
-    ``book/results/name`` in the book's repository."""
-    local = Path(folder) / name
-    if not local.is_file():
-        local = Path(tempfile.gettempdir()) / name
-        urllib.request.urlretrieve(raw_url(f"book/results/{name}"), local)
+    chapters' working directory is ``book/``), or for a relative ``folder``
+    ``../folder/name`` (a translated chapter's, ``book/<language>/``),
+    else a copy downloaded from ``book/results/name`` in the book's
+    repository."""
+    places = [Path(folder) / name]
+    if not Path(folder).is_absolute():
+        places.append(Path("..") / folder / name)
+    for local in places:
+        if local.is_file():
+            return local
+    local = Path(tempfile.gettempdir()) / name
+    urllib.request.urlretrieve(raw_url(f"book/results/{name}"), local)
     return local
 
 
