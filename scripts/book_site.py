@@ -438,6 +438,13 @@ def _configure(app: Sphinx, config) -> None:
         config.html_title = translations.translate(
             language, config.html_title
         )
+        # The toggle of a hidden cell (the chapters hide whole cells only).
+        config.nb_code_prompt_show = translations.translate(
+            language, "Show code cell content"
+        )
+        config.nb_code_prompt_hide = translations.translate(
+            language, "Hide code cell content"
+        )
     config.html_extra_path = [
         *config.html_extra_path,
         str(mathjax_folder()),
@@ -514,6 +521,23 @@ def _launch_translation(
         )
 
 
+def _translate_captions(app: Sphinx, doctree: nodes.document) -> None:
+    """In a translated build, the captions of the table of contents (the
+    parts of ``_toc.yml``): sphinx-external-toc inserts their toctrees after
+    Sphinx has translated the page, so their messages, which the root
+    page's catalog holds, are applied here."""
+    language = translation_of(app.config)
+    if language is None:
+        return
+    table = translations.page_translations(
+        language, app.env.docname, Path(app.srcdir)
+    )
+    for toctree in doctree.findall(addnodes.toctree):
+        caption = table.get(toctree.get("caption") or "")
+        if caption:
+            toctree["caption"] = toctree["rawcaption"] = caption
+
+
 def _rewrite_urls(buttons: list[dict], old: str, new: str) -> None:
     """Point the header buttons' links to other sites (Colab, Binder) at
     ``new`` instead of ``old``; the download button's stays in the site."""
@@ -579,6 +603,7 @@ def setup(app: Sphinx) -> dict:
     app.connect("html-page-context", _drop_repeated_scripts, priority=100)
     app.connect("html-page-context", _languages, priority=450)
     app.connect("html-page-context", _launch_translation, priority=600)
+    app.connect("doctree-read", _translate_captions)
     app.connect("build-finished", _finish)
     app.add_css_file(LAYOUT_CSS)
     app.add_js_file(LAYOUT_JS)

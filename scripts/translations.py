@@ -204,6 +204,23 @@ def site_template(root: Path = ROOT) -> Catalog:
     return template
 
 
+#: The catalog of the theme's own text ("Skip to main content", "Back to
+#: top"): Sphinx's domain, whose messages pydata-sphinx-theme adds to
+#: Sphinx's and does not translate into every language. A language's
+#: ``sphinx.po`` comes first; Sphinx's own catalogs supply the rest.
+THEME = "sphinx"
+THEME_PACKAGE = "pydata_sphinx_theme"
+
+
+def theme_template() -> Catalog:
+    """The messages of :data:`THEME`: pydata-sphinx-theme's template."""
+    from importlib.util import find_spec
+
+    package = Path(find_spec(THEME_PACKAGE).origin).parent
+    with (package / "locale" / "sphinx.pot").open(encoding="utf-8") as pot:
+        return read_po(pot)
+
+
 def translate(language: str | None, message: str, root: Path = ROOT) -> str:
     """``message`` (text of the site's scripts) in ``language``: its
     translation in the :data:`SITE` catalog, else the English."""
@@ -228,7 +245,11 @@ def update(
 ) -> list[Path]:
     """Merge the book's current messages into ``language``'s catalogs (or
     into those of the pages ``only``); the catalogs written."""
-    pages = {**templates(extract(root)), SITE: site_template(root)}
+    pages = {
+        **templates(extract(root)),
+        SITE: site_template(root),
+        THEME: theme_template(),
+    }
     config = yaml.safe_load((root / "_config.yml").read_text())
     written = []
     for page, template in pages.items():
@@ -299,14 +320,17 @@ def markup(text: str) -> Counter:
     """What a translation must keep of a message: its math, inline code,
     roles, link targets, emphasis and ``{placeholders}``, counted."""
     kept: Counter = Counter(
-        ("placeholder", name)
-        for name in re.findall(r"\{(\w+)\}(?!`)", text)
+        ("placeholder", found.group(1) or found.group(2))
+        for found in re.finditer(r"\{(\w+)\}(?!`)|%\((\w+)\)s", text)
     )
     for token in _walk(markdown_parser().parse(text)):
         if token.type in ("math_inline", "math_block", "code_inline"):
             kept[(token.type, token.content)] += 1
         elif token.type == "myst_role":
-            kept[("role", token.meta.get("name"), token.content)] += 1
+            # a cross-reference's title is text: "title <target>"
+            titled = re.fullmatch(r"(?s).*<([^<>]+)>", token.content)
+            target = titled.group(1) if titled else token.content
+            kept[("role", token.meta.get("name"), target)] += 1
         elif token.type == "link_open":
             kept[("link", token.attrs.get("href"))] += 1
         elif token.type in ("strong_open", "em_open"):
@@ -646,7 +670,11 @@ def main(argv: list[str] | None = None) -> int:
             for path in write_notebooks(language):
                 print(f"{path.relative_to(ROOT)}: written")
         else:
-            pages = templates(extract())
+            pages = {
+                **templates(extract()),
+                SITE: site_template(),
+                THEME: theme_template(),
+            }
             for item in coverage(language, pages):
                 flag = (
                     "" if item.share >= MIN_COVERAGE else "  <- below 95 %"

@@ -30,6 +30,7 @@ def pages() -> dict:
     return {
         **translations.templates(translations.extract(ROOT)),
         translations.SITE: translations.site_template(ROOT),
+        translations.THEME: translations.theme_template(),
     }
 
 
