@@ -6,8 +6,8 @@ translatable messages (paragraphs, headings, list items, table cells,
 captions, admonition titles; code, outputs and math stay as they are)
 into ``_build/gettext/book/<page>.pot``. Each language keeps one catalog
 per page, ``locales/<language>/LC_MESSAGES/book/<page>.po``; a message is
-the page's
-own MyST markdown, so a translation keeps its math, code, links and roles.
+the page's own MyST markdown, so a translation keeps its math, code, links
+and roles.
 ``_config.yml`` lists the languages (``sphinx.config.book_translations``).
 
     python scripts/translations.py update     # new English into catalogs
@@ -41,8 +41,7 @@ from babel.messages.catalog import Catalog
 from babel.messages.pofile import read_po, write_po
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCALES = ROOT / "locales"
-#: Where the gettext builder writes the templates, and its own doctrees.
+#: Where the gettext builder writes the templates (its doctrees beside).
 TEMPLATES = Path("_build") / "gettext"
 #: Every language is translated from at least this share of every page's
 #: messages (tests/test_translations.py).
@@ -54,7 +53,6 @@ GETTEXT_SETTINGS = {
     "gettext_uuid": False,
     "gettext_location": False,
     "gettext_last_translator": "",
-    "locale_dirs": [str(LOCALES)],
 }
 
 
@@ -66,6 +64,7 @@ def languages(root: Path = ROOT) -> list[str]:
 
 
 def catalog_dir(language: str, root: Path = ROOT) -> Path:
+    """Where ``language``'s catalogs are (Sphinx's ``locale_dirs``)."""
     return root / "locales" / language / "LC_MESSAGES"
 
 
@@ -93,6 +92,7 @@ def _sphinx_build(
         doctreedir=str(doctrees),
         confoverrides={
             "latex_individualpages": False,
+            "locale_dirs": [str(root / "locales")],
             **GETTEXT_SETTINGS,
             **(overrides or {}),
         },
@@ -148,8 +148,8 @@ def extract(root: Path = ROOT) -> Path:
 def templates(folder: Path) -> dict[str, Catalog]:
     """The templates of :func:`extract`, by page (``"book/02_..."``)."""
     return {
-        path.relative_to(folder).with_suffix("").as_posix(): read_po(
-            path.open(encoding="utf-8")
+        path.relative_to(folder).with_suffix("").as_posix(): read_catalog(
+            path
         )
         for path in sorted(folder.rglob("*.pot"))
     }
